@@ -44,5 +44,5 @@ def ancestral(ctx, x, timesteps, variance: str = "posterior"):
         a_t, s_t = ctx.coeffs(t, x)
         a_s, s_s = ctx.coeffs(s, x)
         x = ancestral_step(x, ctx.score(x, t), a_t, s_t, a_s, s_s, ctx.noise(x), variance)
-        ctx.step_done(i, s, x)
+        x = ctx.step_done(i, s, x)
     return x

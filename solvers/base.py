@@ -4,7 +4,9 @@ A sampler is a function ``fn(ctx, x, timesteps, **options) -> x`` registered wit
 starts from ``x`` drawn from the prior at ``timesteps[0] = T`` and walks the grid down to ``timesteps[-1] = eps``.  It
 sees the SDE (``ctx.sde``) and the score only through ``ctx.score(x, t)``, which counts evaluations, broadcasts ``t``
 to ``(B,)`` and checks the output; it draws noise with ``ctx.noise(x)`` and reports each step with
-``ctx.step_done(i, t, x)``.  Solvers import nothing from networks, data or configs.
+``x = ctx.step_done(i, t, x)``, which also applies an optional ``constraint(x, t, generator) -> x`` (the hook that
+inpainting and colourisation use to re-impose known data after every step).  Solvers import nothing from networks,
+data or configs.
 """
 from __future__ import annotations
 
@@ -81,11 +83,12 @@ class SampleResult:
 class SamplingContext:
     """What a sampler may touch: the SDE, the checked and counted score, the noise source, the step callback."""
 
-    def __init__(self, sde, score_fn, generator=None, callback=None, num_steps: int = 0):
+    def __init__(self, sde, score_fn, generator=None, callback=None, num_steps: int = 0, constraint=None):
         self.sde = sde
         self._score_fn = score_fn
         self.generator = generator
         self.callback = callback
+        self.constraint = constraint
         self.num_steps = num_steps
         self.nfe = 0
 
@@ -114,13 +117,16 @@ class SamplingContext:
         return (torch.as_tensor(a, dtype=x.dtype, device=x.device),
                 torch.as_tensor(s, dtype=x.dtype, device=x.device))
 
-    def step_done(self, i: int, t, x: Tensor, **extra):
-        """Check the state after step i (now at time t) and hand it to the callback."""
+    def step_done(self, i: int, t, x: Tensor, **extra) -> Tensor:
+        """After step i (now at time t): check the state, apply the constraint, call the callback; return the state."""
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"samples became non-finite at step {i + 1} (t={float(t):.6g}); "
                                  f"try more steps, a larger eps or a smaller corrector snr")
+        if self.constraint is not None:
+            x = self.constraint(x, torch.as_tensor(t, dtype=x.dtype, device=x.device), self.generator)
         if self.callback is not None:
             self.callback(dict(i=i, t=float(t), x=x, nfe=self.nfe, num_steps=self.num_steps, **extra))
+        return x
 
 
 def tweedie_denoise(ctx: SamplingContext, x: Tensor, t) -> Tensor:
@@ -147,6 +153,7 @@ def sample(sde, score_fn, shape, method: str, num_steps: int, generator: Optiona
            eps: Optional[float] = None, schedule: str = "uniform", denoise: bool = True,
            callback: Optional[Callable[[Dict[str, Any]], None]] = None, progress: bool = False,
            dtype: torch.dtype = torch.float32, device=None, x_init: Optional[Tensor] = None,
+           constraint: Optional[Callable[[Tensor, Tensor, Optional[torch.Generator]], Tensor]] = None,
            **options) -> SampleResult:
     """Draw samples by integrating the reverse of ``sde`` from T down to ``eps``.
 
@@ -164,6 +171,8 @@ def sample(sde, score_fn, shape, method: str, num_steps: int, generator: Optiona
         progress: show a tqdm progress bar.
         dtype, device: of the samples (float32 by default; float64 for comparisons with analytic answers).
         x_init: start from this state at T instead of a prior draw.
+        constraint: ``(x, t, generator) -> x`` applied to the state at the start (t = T) and after every step (e.g.
+            replace known pixels by forward-noised data: inpainting).  Adaptive solvers do not support it.
         **options: the method's own options (``solvers.get_sampler(method).options`` lists them).
     """
     info = get_sampler(method)
@@ -188,7 +197,12 @@ def sample(sde, score_fn, shape, method: str, num_steps: int, generator: Optiona
         x = sde.prior_sample(shape, generator=generator, dtype=dtype, device=device)
     if progress and info.fixed_steps(options):
         callback = _progress_callback(num_steps, method, callback)
-    ctx = SamplingContext(sde, score_fn, generator=generator, callback=callback, num_steps=num_steps)
+    if constraint is not None:
+        if not info.fixed_steps(options):
+            raise ValueError(f"method {method!r} with options {options} is adaptive and cannot apply a constraint")
+        x = constraint(x, timesteps[0].to(dtype=dtype, device=x.device), generator)
+    ctx = SamplingContext(sde, score_fn, generator=generator, callback=callback, num_steps=num_steps,
+                          constraint=constraint)
     x = info.fn(ctx, x, timesteps, **options)
     if denoise:
         x = tweedie_denoise(ctx, x, timesteps[-1])

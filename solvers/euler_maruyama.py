@@ -26,5 +26,5 @@ def euler_maruyama(ctx, x, timesteps):
     for i in range(len(timesteps) - 1):
         t, s = timesteps[i], timesteps[i + 1]
         x = euler_maruyama_step(rsde, x, t, t - s, ctx.noise(x))
-        ctx.step_done(i, s, x)
+        x = ctx.step_done(i, s, x)
     return x

@@ -48,7 +48,7 @@ def ode(ctx, x, timesteps, solver: str = "heun", rtol: float = 1e-5, atol: float
         for i in range(len(timesteps) - 1):
             t, s = float(timesteps[i]), float(timesteps[i + 1])
             x = ode_step(velocity, x, t, s, solver)
-            ctx.step_done(i, s, x)
+            x = ctx.step_done(i, s, x)
         return x
     if solver != "rk45":
         raise ValueError(f"unknown ODE solver {solver!r}; available: {', '.join(_FIXED + ('rk45',))}")

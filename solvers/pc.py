@@ -62,5 +62,5 @@ def pc(ctx, x, timesteps, predictor: str = "reverse_diffusion", corrector: str =
             for _ in range(n_corr):
                 x = langevin_step(x, ctx.score(x, t), ctx.noise(x), snr, alpha)
         x = step_fn(rsde, x, torch.as_tensor(t, dtype=x.dtype), torch.as_tensor(t - s, dtype=x.dtype), ctx.noise(x))
-        ctx.step_done(i, s, x)
+        x = ctx.step_done(i, s, x)
     return x
