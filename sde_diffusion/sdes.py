@@ -251,9 +251,15 @@ class VPSDE(_LinearBetaMixin, SDE):
         return torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
 
     def discretize(self, x, t, dt):
-        """The DDPM step x_t = sqrt(1 - b) x_{t-dt} + sqrt(b) z with b = beta(t) dt (= beta_i for t = t_i, dt = T/N)."""
+        """The DDPM step x_t = sqrt(1 - b) x_{t-dt} + sqrt(b) z with b = beta(t) dt (= beta_i for t = t_i, dt = T/N).
+
+        It needs b < 1, i.e. steps of dt < 1/beta_max (more than beta_max * T steps on a uniform grid)."""
         t = _as_time(t, x)
         b = self.beta(t) * _as_time(dt, x)
+        if bool((b >= 1).any()):
+            raise ValueError(f"the DDPM step needs beta(t) * dt < 1, got {float(b.max()):.3g} (dt = {float(dt):.3g}): "
+                             f"use steps shorter than 1/beta_max = {1 / self.beta_1:.3g}, e.g. more than "
+                             f"{int(self.beta_1 * self.T)} uniform steps, or an Euler–Maruyama predictor")
         return (torch.sqrt(1.0 - expand_as_batch(b, x)) - 1.0) * x, torch.sqrt(b)
 
     def _repr_args(self):
