@@ -3,7 +3,7 @@
 ODE solvers are compared with the exact probability-flow map of a Gaussian target: in the eigenbasis of its
 covariance, p_t = N(a_t mu, a_t^2 lam + sigma_t^2) and the flow moves each coordinate by the ratio of standard
 deviations, x_s - a_s mu = sqrt(v_s / v_t) (x_t - a_t mu).  That is deterministic, so the error has no Monte Carlo
-part.  Euler–Maruyama's weak error is measured on E[x^2] with 400 000 paths, where discretisation error (>= 2e-2)
+part.  Euler–Maruyama's weak error is measured on E[x^2] with 200 000 paths, where discretisation error (>= 2e-2)
 dwarfs the Monte Carlo standard error (~2.4e-3).
 """
 import math
