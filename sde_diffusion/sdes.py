@@ -197,37 +197,15 @@ def _batch_time(t: Tensor, x: Tensor) -> Tensor:
 
 
 # ====================================================================== VP family
-class _LinearBetaMixin:
-    """beta(t) = beta_min + t (beta_max - beta_min) on [0, 1]; int_0^t beta = beta_min t + 1/2 t^2 (beta_max - beta_min)."""
-
-    def beta(self, t) -> Tensor:
-        t = _as_time(t)
-        return self.beta_0 + t * (self.beta_1 - self.beta_0)
-
-    def integrated_beta(self, t) -> Tensor:
-        t = _as_time(t)
-        return self.beta_0 * t + 0.5 * t ** 2 * (self.beta_1 - self.beta_0)
-
-
-@register_sde("vpsde")
-class VPSDE(_LinearBetaMixin, SDE):
-    """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW (DDPM in continuous time).
-
-    Marginal: a(t) = exp(-1/2 int_0^t beta), sigma(t)^2 = 1 - a(t)^2.  Its discretisation on the grid
-    t_i = i T/(N-1) with dt = T/N is exactly the DDPM chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z with
-    beta_i = beta(t_i)/N = ``discrete_betas[i]``.
-    """
+class _LinearBetaSDE(SDE):
+    """Shared by VP and sub-VP: drift -1/2 beta(t) x on T = 1 with beta(t) = beta_min + t (beta_max - beta_min),
+    int_0^t beta = beta_min t + 1/2 t^2 (beta_max - beta_min), mean coefficient a(t) = exp(-1/2 int_0^t beta)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
         if not (0 <= beta_min <= beta_max):
             raise ValueError(f"need 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
         self.beta_0, self.beta_1 = float(beta_min), float(beta_max)
-        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
-        if self.discrete_betas.max() >= 1:
-            raise ValueError(f"beta_max / N = {beta_max / N} must be < 1 for the DDPM chain")
-        self.alphas = 1.0 - self.discrete_betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
 
     @property
     def T(self):
@@ -237,16 +215,47 @@ class VPSDE(_LinearBetaMixin, SDE):
     def prior_std(self):
         return 1.0
 
+    def beta(self, t) -> Tensor:
+        t = _as_time(t)
+        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+    def integrated_beta(self, t) -> Tensor:
+        t = _as_time(t)
+        return self.beta_0 * t + 0.5 * t ** 2 * (self.beta_1 - self.beta_0)
+
+    def log_mean_coeff(self, t) -> Tensor:
+        return -0.5 * self.integrated_beta(_as_time(t))
+
     def drift(self, x, t):
         t = _as_time(t, x)
         return -0.5 * expand_as_batch(self.beta(t), x) * x
+
+    def _repr_args(self):
+        return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
+
+
+@register_sde("vpsde")
+class VPSDE(_LinearBetaSDE):
+    """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW (DDPM in continuous time).
+
+    Marginal: a(t) = exp(-1/2 int_0^t beta), sigma(t)^2 = 1 - a(t)^2.  Its discretisation on the grid
+    t_i = i T/(N-1) with dt = T/N is exactly the DDPM chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z with
+    beta_i = beta(t_i)/N = ``discrete_betas[i]``.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(beta_min, beta_max, N)
+        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
+        if self.discrete_betas.max() >= 1:
+            raise ValueError(f"beta_max / N = {beta_max / N} must be < 1 for the DDPM chain")
+        self.alphas = 1.0 - self.discrete_betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
 
     def diffusion(self, t):
         return torch.sqrt(self.beta(t))
 
     def marginal_coeffs(self, t):
-        t = _as_time(t)
-        log_a = -0.5 * self.integrated_beta(t)
+        log_a = self.log_mean_coeff(t)
         # sigma^2 = 1 - exp(2 log a), computed with expm1 for accuracy at small t
         return torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
 
@@ -262,46 +271,21 @@ class VPSDE(_LinearBetaMixin, SDE):
                              f"{int(self.beta_1 * self.T)} uniform steps, or an Euler–Maruyama predictor")
         return (torch.sqrt(1.0 - expand_as_batch(b, x)) - 1.0) * x, torch.sqrt(b)
 
-    def _repr_args(self):
-        return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
-
 
 @register_sde("subvpsde")
-class SubVPSDE(_LinearBetaMixin, SDE):
+class SubVPSDE(_LinearBetaSDE):
     """sub-VP SDE dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dW  (Song et al. 2021, eq. 11).
 
     Marginal: a(t) = exp(-1/2 int beta), sigma(t) = 1 - a(t)^2 (the std, not the variance, so it never exceeds VP's).
     """
-
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
-        super().__init__(N)
-        if not (0 <= beta_min <= beta_max):
-            raise ValueError(f"need 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
-        self.beta_0, self.beta_1 = float(beta_min), float(beta_max)
-
-    @property
-    def T(self):
-        return 1.0
-
-    @property
-    def prior_std(self):
-        return 1.0
-
-    def drift(self, x, t):
-        t = _as_time(t, x)
-        return -0.5 * expand_as_batch(self.beta(t), x) * x
 
     def diffusion(self, t):
         t = _as_time(t)
         return torch.sqrt(self.beta(t) * -torch.expm1(-2 * self.integrated_beta(t)))
 
     def marginal_coeffs(self, t):
-        t = _as_time(t)
-        log_a = -0.5 * self.integrated_beta(t)
+        log_a = self.log_mean_coeff(t)
         return torch.exp(log_a), -torch.expm1(2 * log_a)
-
-    def _repr_args(self):
-        return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
 
 
 # ====================================================================== VE
