@@ -7,7 +7,7 @@ imported below.  Solvers see only the SDE interface, a ``score_fn(x, t)`` and te
 from .base import (NonFiniteError, SampleResult, SamplerInfo, SamplingContext, available, get_sampler,
                    register_sampler, sample, tweedie_denoise)
 from .schedules import available_schedules, get_timesteps, register_schedule
-from . import ancestral, euler_maruyama, pc, ode  # noqa: F401  (registers the samplers)
+from . import ancestral, euler_maruyama, pc, ode, ddim  # noqa: F401  (registers the samplers)
 
 __all__ = ["sample", "available", "register_sampler", "get_sampler", "SampleResult", "SamplerInfo",
            "SamplingContext", "NonFiniteError", "tweedie_denoise", "get_timesteps", "available_schedules",

@@ -54,6 +54,18 @@ def test_ode_solver_orders(solver, ladder, order, sde_name):
     assert abs(slope - order) < 0.3, (solver, slope, errs)
 
 
+def test_ddim_converges_at_first_order_to_the_exact_flow():
+    sde = sdes.VPSDE()
+    target, U, lam, mu = _rotated_gaussian()
+    x_T = 1.2 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), **F64)
+    exact = _exact_flow(sde, x_T, U, lam, mu)
+    ladder = [10, 20, 40, 80]
+    errs = [float((solvers.sample(sde, target.score_fn(sde), x_T.shape, "ddim", n, x_init=x_T, eps=EPS,
+                                  denoise=False, dtype=torch.float64).samples - exact).abs().max()) for n in ladder]
+    slope = -np.polyfit(np.log(ladder), np.log(errs), 1)[0]
+    assert abs(slope - 1.0) < 0.3, (slope, errs)
+
+
 def test_euler_maruyama_weak_order_one():
     sde = sdes.VPSDE()
     target = targets.Gaussian([1.0], [[0.25]])

@@ -19,6 +19,7 @@ METHODS = [
     ("pc", {"predictor": "euler_maruyama"}, 300),
     ("ode", {"solver": "heun"}, 100),
     ("ode", {"solver": "rk45", "rtol": 1e-6, "atol": 1e-6}, 1),
+    ("ddim", {}, 500),
 ]
 
 
@@ -138,6 +139,38 @@ def test_ancestral_step_is_smld_on_ve():
     assert torch.allclose(res.samples, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_ddim_eta_one_is_the_ancestral_posterior_step():
+    """DDIM(eta = 1) and the ancestral step compute the same mean by different formulas (a_s x0_hat + ... versus
+    Tweedie on the transition) and the same variance; given the same noise they agree to round-off."""
+    from solvers.ancestral import ancestral_step
+    from solvers.ddim import ddim_step
+    sde = sdes.VESDE()
+    target = targets.GaussianMixture([0.4, 0.6], [[-1.0, 0.0], [1.0, 0.5]], 0.2)
+    gen = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(32, 2, generator=gen, **F64)
+    z = torch.randn(32, 2, generator=gen, **F64)
+    for sde in (sdes.VPSDE(), sdes.VESDE(), sdes.SubVPSDE()):
+        t, s = 0.4, 0.3
+        a_t, s_t = sde.marginal_coeffs(t)
+        a_s, s_s = sde.marginal_coeffs(s)
+        score = target.score_fn(sde)(x, torch.full((32,), t, **F64))
+        assert torch.allclose(ddim_step(x, score, a_t, s_t, a_s, s_s, z, eta=1.0),
+                              ancestral_step(x, score, a_t, s_t, a_s, s_s, z), rtol=1e-10, atol=1e-10)
+
+
+def test_ddim_eta_zero_is_exact_for_a_point_mass():
+    """For a point mass x0 the probability-flow map is x_s = a_s x0 + sigma_s (x_T - a_T x0)/sigma_T; deterministic
+    DDIM reproduces it in a single step."""
+    sde = sdes.VPSDE()
+    x0 = torch.tensor([0.7, -0.2], **F64)
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), **F64)
+    res = solvers.sample(sde, targets.PointMass(x0).score_fn(sde), (6, 2), "ddim", 1, x_init=x_T, denoise=False,
+                         dtype=torch.float64)
+    a_T, s_T = sde.marginal_coeffs(1.0)
+    a_e, s_e = sde.marginal_coeffs(1e-3)
+    assert torch.allclose(res.samples, a_e * x0 + s_e * (x_T - a_T * x0) / s_T, rtol=1e-12, atol=1e-12)
+
+
 class _Truncated:
     """The same SDE seen on [0, T'] (to start a sampler at an interior time)."""
 
@@ -157,7 +190,8 @@ class _Truncated:
 
 @pytest.mark.parametrize("method,opts,per_step", [
     ("ancestral", {}, 1), ("euler_maruyama", {}, 1), ("pc", {"n_corrector_steps": 2}, 3),
-    ("ode", {"solver": "euler"}, 1), ("ode", {"solver": "heun"}, 2), ("ode", {"solver": "rk4"}, 4)])
+    ("ode", {"solver": "euler"}, 1), ("ode", {"solver": "heun"}, 2), ("ode", {"solver": "rk4"}, 4),
+    ("ddim", {"eta": 0.5}, 1)])
 def test_nfe_is_exact_and_callback_sees_every_step(method, opts, per_step):
     sde = sdes.VPSDE()
     target = targets.Gaussian([0.0, 1.0], 0.5)
@@ -187,7 +221,7 @@ def test_adaptive_nfe_counts_every_evaluation():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("method", ["ancestral", "euler_maruyama", "pc", "ode"])
+@pytest.mark.parametrize("method", ["ancestral", "euler_maruyama", "pc", "ode", "ddim"])
 def test_any_shape_and_dtype(method, dtype):
     """Image-shaped (B, C, H, W) batches in both precisions: a 12-dim isotropic Gaussian N(0.5, 0.2 I)."""
     sde = sdes.VPSDE()
@@ -224,14 +258,14 @@ def test_schedules_are_decreasing_and_pinned():
 
 
 def test_available_lists_the_four_methods():
-    assert set(solvers.available()) >= {"ancestral", "euler_maruyama", "pc", "ode"}
+    assert set(solvers.available()) == {"ancestral", "ddim", "euler_maruyama", "pc", "ode"}
 
 
 def test_bad_input_raises_clear_errors():
     sde = sdes.VPSDE()
     target = targets.Gaussian([0.0, 0.0], 1.0)
     score = target.score_fn(sde)
-    with pytest.raises(ValueError, match="available: ancestral, euler_maruyama, ode, pc"):
+    with pytest.raises(ValueError, match="available: ancestral, ddim, euler_maruyama, ode, pc"):
         solvers.sample(sde, score, (4, 2), "heun", 10)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps"):
@@ -249,7 +283,7 @@ def test_bad_input_raises_clear_errors():
         s = score(x, t)
         return s if float(t[0]) > 0.5 else s * float("nan")
 
-    for method in ("ancestral", "euler_maruyama", "pc", "ode"):
+    for method in solvers.available():
         with pytest.raises(solvers.NonFiniteError, match="non-finite"):
             solvers.sample(sde, nan_late, (4, 2), method, 30)
 
