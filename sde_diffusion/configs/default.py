@@ -1,0 +1,106 @@
+"""The base configuration every named config starts from (score_sde's layout).
+
+Sections: ``training`` (SDE, loss, loop), ``sampling`` (sampler and its options), ``data``, ``model`` (network and
+SDE parameters, as in score_sde), ``optim``, ``eval``; top level: ``seed``, ``deterministic``, ``device``.
+"""
+import ml_collections
+
+
+def get_default_config():
+    config = ml_collections.ConfigDict()
+    config.name = "default"
+    config.seed = 42
+    config.deterministic = False      # torch.use_deterministic_algorithms (+ cuDNN deterministic)
+    config.device = "auto"            # auto = cuda when available, else cpu
+
+    config.training = training = ml_collections.ConfigDict()
+    training.sde = "vp"               # vp | subvp | ve (any name sde_diffusion.sdes.get_sde knows)
+    training.loss = "dsm"             # dsm (continuous time) | ddpm (discrete eps-loss, VP) | smld (discrete, VE)
+    training.weighting = "uniform"    # dsm only: uniform (lambda = sigma^2) | likelihood (lambda = g^2)
+    training.reduce = "mean"          # mean | sum over data dimensions (then mean over the batch)
+    training.eps = 1e-5               # t ~ U(eps, T)
+    training.batch_size = 128
+    training.n_iters = 1_300_001
+    training.log_freq = 50
+    training.checkpoint_freq = 10_000
+    training.keep_checkpoints = 3     # keep the last k checkpoints
+    training.snapshot_freq = 50_000   # sample grid to TensorBoard every this many steps (0 = never)
+    training.snapshot_sampling = True
+    training.snapshot_num_samples = 64
+    training.p_uncond = 0.0           # probability of dropping labels to the null label (classifier-free guidance)
+    training.progress = True          # tqdm progress bar (only drawn on a terminal)
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"            # any of solvers.available()
+    sampling.num_steps = 1000
+    sampling.eps = 1e-3
+    sampling.schedule = "uniform"
+    sampling.denoise = True
+    sampling.num_samples = 64
+    sampling.batch_size = 64
+    sampling.seed = 0
+    sampling.class_label = -1         # conditional models: -1 cycles through the classes, else this label
+    # sampler options (only those the chosen method accepts are passed to it)
+    sampling.predictor = "reverse_diffusion"
+    sampling.corrector = "langevin"
+    sampling.snr = 0.16
+    sampling.n_corrector_steps = 1
+    sampling.solver = "heun"          # ode
+    sampling.rtol = 1e-5
+    sampling.atol = 1e-5
+    sampling.variance = "posterior"   # ancestral
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.batch_size = 256
+    evaluate.seed = 1234
+    evaluate.num_samples = 10_000     # toy data: size of the (fresh) test set
+    evaluate.checkpoint = -1          # -1 = latest
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "cifar10"          # cifar10 | digits | toy
+    data.name = ""                    # toy: ring | moons | checkerboard | bimodal | trimodal
+    data.root = "data"
+    data.download = False
+    data.image_size = 32
+    data.num_channels = 3
+    data.dim = 3 * 32 * 32
+    data.centered = True              # scale to [-1, 1] (else [0, 1])
+    data.random_flip = True
+    data.uniform_dequantization = False
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"
+    model.parameterization = "noise"  # noise | score | direct (see sde_diffusion.networks.utils)
+    model.num_classes = 0             # > 0: class-conditional (label embedding with num_classes + 1 rows)
+    model.ema_rate = 0.9999
+    model.nf = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.resblock_type = "ddpm"
+    model.skip_rescale = True
+    model.resamp_with_conv = True
+    model.nonlinearity = "swish"
+    model.embedding_type = "positional"
+    model.time_scale = 999.0          # positional embedding of time_scale * t (t in [0, 1] -> DDPM's step index)
+    model.fourier_scale = 16.0
+    model.init_scale = 0.0
+    model.num_layers = 4              # mlp only
+    # SDE parameters (score_sde keeps them under model.*)
+    model.beta_min = 0.1
+    model.beta_max = 20.0
+    model.num_scales = 1000
+    model.sigma_min = 0.01
+    model.sigma_max = 50.0
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "adam"          # adam | adamw
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 5000
+    optim.grad_clip = 1.0
+    return config

@@ -1,0 +1,1 @@
+"""The loops: training (``train``), sampling to disk (``sampling``), evaluation (``evaluate``), checkpoints."""
