@@ -49,6 +49,15 @@ def get_default_config():
     sampling.rtol = 1e-5
     sampling.atol = 1e-5
     sampling.variance = "posterior"   # ancestral
+    sampling.eta = 0.0                # ddim
+    # controllable generation (issue 8)
+    sampling.guidance = "none"        # none | cfg (classifier-free) | classifier
+    sampling.guidance_scale = 1.0     # cfg: w in s_u + w (s_c - s_u) (w = 1: conditional); classifier: scale
+    sampling.classifier_workdir = ""  # classifier guidance: workdir of a trained time-dependent classifier
+    sampling.task = "generate"        # generate | inpaint | colorize
+    sampling.image = ""               # inpaint/colorize: path to an image file (PNG/NPY) ...
+    sampling.dataset_index = -1       # ... or the index of a test-set image
+    sampling.mask = "right_half"      # inpaint: right_half | left_half | top_half | bottom_half | center | PATH (.npy/.png)
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 256
