@@ -13,7 +13,10 @@ def test_named_configs_are_complete(name):
     c = configs.get_config(name)
     for section in ("training", "sampling", "data", "model", "optim", "eval"):
         assert section in c
-    assert c.model.num_classes == 0 and c.training.p_uncond == 0.0
+    if name.endswith("_cond"):     # class-conditional: labels dropped for classifier-free guidance
+        assert c.model.num_classes == 10 and 0.0 < c.training.p_uncond < 1.0
+    else:
+        assert c.model.num_classes == 0 and c.training.p_uncond == 0.0
     assert c.sampling.method in solvers.available() and c.sampling.num_steps >= 1
     assert set(sampler_options(c)) <= set(solvers.get_sampler(c.sampling.method).options)
     assert c.model.parameterization in ("noise", "score", "direct")

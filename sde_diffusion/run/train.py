@@ -27,7 +27,8 @@ from ..ema import ExponentialMovingAverage
 from ..losses import get_loss_fn
 from ..networks import count_parameters, get_network
 from . import checkpoints as ckpt_lib
-from .utils import get_device, get_rng_state, plot_points, seed_everything, set_deterministic, set_rng_state
+from .utils import (get_device, get_rng_state, open_summary_writer, plot_points, seed_everything, set_deterministic,
+                    set_rng_state)
 
 __all__ = ["train", "NonFiniteLossError", "build_optimizer", "learning_rate"]
 
@@ -115,12 +116,7 @@ def train(config, workdir: str, device: Optional[str] = None) -> dict:
         step = int(state["step"])
         logging.info("resumed from %s (step %d)", latest, step)
 
-    writer = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:
-        logging.warning("tensorboard is not installed: no TensorBoard logs")
+    writer = open_summary_writer(workdir)
 
     def save(at_step):
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),

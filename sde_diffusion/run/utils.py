@@ -13,6 +13,16 @@ Tensor = torch.Tensor
 log = logging.getLogger("sde_diffusion")
 
 
+def open_summary_writer(workdir: str):
+    """A TensorBoard ``SummaryWriter`` on ``<workdir>/tensorboard``, or None (with a warning) without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logging.getLogger(__name__).warning("tensorboard is not installed: no TensorBoard logs")
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
 def get_device(name: Optional[str] = "auto") -> torch.device:
     """``auto``: CUDA when available, else CPU; otherwise the named device."""
     if name in (None, "", "auto"):
