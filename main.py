@@ -3,8 +3,17 @@
     python main.py --mode train  --config vp_digits --workdir runs/digits
     python main.py --mode sample --workdir runs/digits [--config.sampling.method=pc] [--checkpoint 6000]
     python main.py --mode eval   --workdir runs/digits
+    python main.py --mode train_classifier --config digits_classifier --workdir runs/digits_cls
 
-``--config`` takes a named config (vp_cifar, subvp_cifar, ve_cifar, vp_digits, toy_2d, toy_1d), a Python file with
+Controllable generation (``--mode sample``):
+
+    --config.sampling.class_label=3 --config.sampling.guidance=cfg --config.sampling.guidance_scale=2
+    --config.sampling.guidance=classifier --config.sampling.classifier_workdir=runs/digits_cls
+    --config.sampling.task=inpaint --config.sampling.dataset_index=5 --config.sampling.mask=right_half
+    --config.sampling.task=colorize --config.sampling.image=PATH          (3-channel data)
+
+``--config`` takes a named config (vp_cifar, subvp_cifar, ve_cifar, vp_digits, toy_2d, toy_1d, vp_digits_cond,
+vp_cifar_cond, digits_classifier, cifar_classifier), a Python file with
 ``get_config()`` or a JSON file; without it the run's own ``<workdir>/config.json`` is used (to resume, sample or
 evaluate).  Any key can be overridden
 with ``--config.a.b=v`` (or ``--config.a.b v``): an unknown key or a value of the wrong type is an error naming the
@@ -18,11 +27,13 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", None, ["train", "sample", "eval"], "What to do.")
+flags.DEFINE_enum("mode", None, ["train", "sample", "eval", "train_classifier"],
+                  "What to do (train_classifier: the time-dependent classifier for classifier guidance).")
 flags.DEFINE_string("config", None, "Config name, .py file with get_config(), or .json file "
                     "(default: <workdir>/config.json of an existing run).")
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard logs, samples.")
-flags.DEFINE_string("checkpoint", None, "sample/eval: checkpoint step or path (default: the latest).")
+flags.DEFINE_string("checkpoint", None, "sample: checkpoint step or path (default: the latest); eval: "
+                    "that checkpoint only (default: every checkpoint not yet evaluated).")
 flags.DEFINE_string("device", None, "cpu, cuda, cuda:1, ... (default: config.device = auto: CUDA when available).")
 flags.DEFINE_string("out_dir", None, "sample: output folder (default <workdir>/samples/step_<step>).")
 flags.mark_flags_as_required(["mode", "workdir"])
@@ -80,6 +91,9 @@ def main(argv):
     from sde_diffusion import configs
     from sde_diffusion.data import DatasetError
     from sde_diffusion.run.checkpoints import CheckpointError
+    from sde_diffusion.run.classifier_train import ClassifierError
+    from sde_diffusion.run.sampling import SamplingError
+    from sde_diffusion.run.evaluate import EvaluationError
     try:
         config = load_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, _OVERRIDES)
     except configs.ConfigError as e:
@@ -93,17 +107,26 @@ def main(argv):
             except NonFiniteLossError as e:
                 sys.stderr.write(f"error: {e}\n")
                 sys.exit(1)
+        elif FLAGS.mode == "train_classifier":
+            from sde_diffusion.run.classifier_train import train_classifier
+            out = train_classifier(config, FLAGS.workdir, device=FLAGS.device)
+            acc = ", ".join(f"t={t}: {a:.3f}" for t, a in out["eval"]["accuracy"].items())
+            print(f"step {out['step']}: checkpoint {out['checkpoint']}\ntest accuracy of p(y | x_t, t): {acc}")
         elif FLAGS.mode == "sample":
             from sde_diffusion.run.sampling import sample
             out = sample(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device,
                          out_dir=FLAGS.out_dir)
             print(f"samples: {out['npz']}\ngrid:    {out['png']}")
+            if out.get("class_accuracy"):
+                acc = out["class_accuracy"]
+                per = " ".join(f"{k}:{v:.2f}" for k, v in acc["per_class"].items())
+                print(f"digits classifier agrees with the requested class: {acc['overall']:.3f} overall; {per}")
         else:
-            from sde_diffusion.run.evaluate import evaluate
+            from sde_diffusion.run.evaluate import evaluate, summary_line
             out = evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device)
-            print(f"step {out['step']}: test loss {out['test_loss']:.6f} ({out['num_examples']} examples) "
-                  f"-> {out['path']}")
-    except (DatasetError, CheckpointError) as e:
+            for summary in out["results"]:
+                print(f"{summary_line(summary)} -> {summary['path']}")
+    except (DatasetError, CheckpointError, ClassifierError, SamplingError, EvaluationError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
 

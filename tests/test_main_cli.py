@@ -68,7 +68,8 @@ def test_toy_2d_train_sample_eval_through_the_cli(tmp_path):
     shares = np.bincount(angles.astype(int), minlength=8) / len(samples)
     assert np.all(np.abs(shares - 0.125) < 0.05), shares
 
-    out = run_cli("--mode", "eval", "--workdir", wd, "--config.eval.num_samples=2000")
+    out = run_cli("--mode", "eval", "--workdir", wd, "--config.eval.num_samples=2000",
+                  "--config.eval.bpd_num_examples=200", "--config.eval.num_generated=200")
     result = json.load(open(os.path.join(wd, "eval", "eval_00000500.json")))
     assert result["step"] == 500 and np.isfinite(result["test_loss"]) and result["test_loss"] < 0.5
 
@@ -209,7 +210,8 @@ def test_vp_digits_smoke_train_sample_eval(tmp_path):
     c = configs.apply_overrides(configs.get_config("vp_digits"), {
         "training.n_iters": 4, "training.batch_size": 16, "training.checkpoint_freq": 2, "training.log_freq": 2,
         "training.snapshot_freq": 4, "training.snapshot_num_samples": 4, "training.progress": False,
-        "sampling.num_steps": 3, "sampling.num_samples": 6, "sampling.batch_size": 4})
+        "sampling.num_steps": 3, "sampling.num_samples": 6, "sampling.batch_size": 4,
+        "eval.bpd_num_examples": 8, "eval.bpd_rtol": 1e-3, "eval.bpd_atol": 1e-3, "eval.num_generated": 8})
     wd = str(tmp_path)
     out = train_lib.train(c, wd, device="cpu")
     assert out["step"] == 4 and np.isfinite(out["loss"])

@@ -1,7 +1,9 @@
 """Named configurations and command-line overrides.
 
 * ``get_config(name_or_path)`` — a named config (``vp_cifar``, ``subvp_cifar``, ``ve_cifar``, ``vp_digits``,
-  ``toy_2d``, ``toy_1d``), a Python file defining ``get_config()``, or a JSON file (e.g. a run's ``config.json``).
+  ``toy_2d``, ``toy_1d``; class-conditional ``vp_digits_cond``, ``vp_cifar_cond``; time-dependent classifiers for
+  classifier guidance ``digits_classifier``, ``cifar_classifier``), a Python file defining ``get_config()``, or a JSON
+  file (e.g. a run's ``config.json``).
 * ``apply_overrides(config, ["training.batch_size=8", ...])`` — typed overrides with errors that name the closest
   valid keys (difflib) and the expected type.
 * ``build_sde(config)`` — the SDE named by ``config.training.sde`` with its parameters from ``config.model``.
@@ -18,7 +20,8 @@ from typing import Iterable, List, Mapping, Union
 
 import ml_collections
 
-CONFIG_NAMES = ("vp_cifar", "subvp_cifar", "ve_cifar", "vp_digits", "toy_2d", "toy_1d")
+CONFIG_NAMES = ("vp_cifar", "subvp_cifar", "ve_cifar", "vp_digits", "toy_2d", "toy_1d", "vp_digits_cond",
+                "vp_cifar_cond", "digits_classifier", "cifar_classifier")
 
 __all__ = ["get_config", "available_configs", "apply_overrides", "parse_override", "build_sde", "ConfigError",
            "config_from_json", "CONFIG_NAMES"]
@@ -38,10 +41,24 @@ def _lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """Rebuild a ConfigDict from ``config.to_json()`` (lists stay lists; networks accept both)."""
+    """Rebuild a ConfigDict from ``config.to_json()`` (lists stay lists; networks accept both).
+
+    Keys the stored config lacks (a run written by an older version) take the values of the base configuration, so
+    that ``--config.a.b=v`` overrides of newer keys work on older runs."""
     def to_cd(d):
         return ml_collections.ConfigDict({k: to_cd(v) if isinstance(v, dict) else v for k, v in d.items()})
-    return _lock(to_cd(json.loads(text)))
+
+    def fill(cfg, base):
+        for k, v in base.items():
+            if k not in cfg:
+                cfg[k] = v
+            elif isinstance(v, ml_collections.ConfigDict) and isinstance(cfg[k], ml_collections.ConfigDict):
+                fill(cfg[k], v)
+
+    from .default import get_default_config
+    config = to_cd(json.loads(text))
+    fill(config, get_default_config())
+    return _lock(config)
 
 
 def get_config(name_or_path: str) -> ml_collections.ConfigDict:

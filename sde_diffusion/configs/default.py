@@ -59,11 +59,43 @@ def get_default_config():
     sampling.dataset_index = -1       # ... or the index of a test-set image
     sampling.mask = "right_half"      # inpaint: right_half | left_half | top_half | bottom_half | center | PATH (.npy/.png)
 
+    # --mode eval (sde_diffusion/run/evaluate.py): per checkpoint the test loss, bits/dim, samples and their quality;
+    # resumable, results in <workdir>/eval/ and TensorBoard (eval/...)
     config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.batch_size = 256
-    evaluate.seed = 1234
+    evaluate.batch_size = 256         # test loss
+    evaluate.seed = 1234              # test loss noise, dequantisation noise and Hutchinson probes
     evaluate.num_samples = 10_000     # toy data: size of the (fresh) test set
-    evaluate.checkpoint = -1          # -1 = latest
+    evaluate.checkpoint = -1          # -1 = every checkpoint in the workdir, else that step (--checkpoint wins)
+    evaluate.progress = True          # tqdm progress bars (only drawn on a terminal)
+    # bits/dim of test data through the probability-flow ODE (sde_diffusion.likelihood.nll)
+    evaluate.enable_bpd = True
+    evaluate.bpd_num_examples = -1    # the first n test examples (-1 = the whole test split)
+    evaluate.bpd_batch_size = 64
+    evaluate.bpd_method = "hutchinson"  # hutchinson | exact (divergence by D autograd passes: small D only)
+    evaluate.bpd_num_probes = 1       # hutchinson: probes per example
+    evaluate.bpd_probe = "rademacher"  # rademacher | gaussian
+    evaluate.bpd_solver = "rk45"      # rk45 (adaptive, bpd_rtol/bpd_atol) | euler | heun | rk4 (bpd_num_steps)
+    evaluate.bpd_rtol = 1e-5
+    evaluate.bpd_atol = 1e-5
+    evaluate.bpd_num_steps = 100
+    evaluate.bpd_eps = 1e-5           # the ODE starts at t = eps: what is measured is the model's p_eps
+    evaluate.bpd_dequantize = "auto"  # auto | uniform ((k+U)/L, score_sde's) | uniform_centered | none; auto: uniform
+    #                                   for 256-level or dequantisation-trained data, uniform_centered for coarser
+    #                                   data (digits: bins centred on the 17 levels the model saw); toy data: none
+    evaluate.bpd_num_levels = 0       # levels per dimension (0 = the dataset's: cifar10 256, digits 17)
+    evaluate.bpd_num_repeats = 1      # dequantisation draws per example (the bpd averages over them)
+    # samples drawn with config.sampling.* (method, num_steps, ...) and their quality
+    evaluate.enable_sampling = True
+    evaluate.num_generated = 1000     # samples per checkpoint (FID is usually quoted for 50_000)
+    evaluate.generate_batch_size = 0  # 0 = sampling.batch_size
+    evaluate.sample_seed = 0          # batch i of the samples uses seed f(sample_seed, i): resumable, reproducible
+    evaluate.sample_metrics = "auto"  # auto (digits -> digits, cifar10 -> inception, toy -> none) | digits |
+    #                                   inception | none
+    evaluate.inception_weights = ""   # inception metrics: pt_inception-2015-12-05-6726825d.pth (pytorch-fid's)
+    evaluate.fid_reference = "train"  # inception metrics: the data split the samples are compared with
+    evaluate.kid_subsets = 100
+    evaluate.kid_subset_size = 1000
+    evaluate.is_splits = 10
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"          # cifar10 | digits | toy
