@@ -147,7 +147,7 @@ def run_one(sde, score_fn, shape, cfg: SamplerConfig, steps: int, schedule: str,
         with torch.no_grad():
             res = solvers.sample(sde, score_fn, shape, cfg.method, steps, generator=gen, eps=eps, schedule=schedule,
                                  dtype=dtype, **opts)
-    except FloatingPointError as e:            # solvers.NonFiniteError
+    except FloatingPointError:                 # solvers.NonFiniteError
         return None, None, time.perf_counter() - t0, "diverged"
     except ValueError as e:                    # e.g. the DDPM step refuses beta * dt >= 1
         return None, None, time.perf_counter() - t0, f"n/a: {str(e).split(':')[0][:60]}"

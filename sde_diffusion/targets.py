@@ -14,7 +14,7 @@ Parameters are stored in float64 and cast to the input's dtype and device on use
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
