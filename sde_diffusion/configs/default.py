@@ -58,6 +58,7 @@ def get_default_config():
     sampling.image = ""               # inpaint/colorize: path to an image file (PNG/NPY) ...
     sampling.dataset_index = -1       # ... or the index of a test-set image
     sampling.mask = "right_half"      # inpaint: right_half | left_half | top_half | bottom_half | center | PATH (.npy/.png)
+    sampling.inpaint_data_var = 0.5   # inpaint/colorize: per-pixel data variance of the isotropic Tweedie covariance
 
     # --mode eval (sde_diffusion/run/evaluate.py): per checkpoint the test loss, bits/dim, samples and their quality;
     # resumable, results in <workdir>/eval/ and TensorBoard (eval/...)

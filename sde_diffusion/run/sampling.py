@@ -62,8 +62,9 @@ __all__ = ["data_shape", "sampler_options", "generate", "save_samples", "sample"
 GUIDANCE = ("none", "cfg", "classifier")
 TASKS = ("generate", "inpaint", "colorize")
 MASKS = ("right_half", "left_half", "top_half", "bottom_half", "center")
-#: variance per pixel of centred image data, for the isotropic Tweedie covariance of the conditional score
-#: (digits in [-1, 1]: 0.29 per pixel about the pixel means, 0.57 overall; CIFAR-10: about 0.25)
+#: default ``sampling.inpaint_data_var``: variance per pixel of centred image data, for the isotropic Tweedie
+#: covariance of the conditional score (digits in [-1, 1]: 0.29 per pixel about the pixel means, 0.57 overall;
+#: CIFAR-10: about 0.25)
 DATA_VAR = 0.5
 
 
@@ -364,7 +365,8 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
         y = labels[start:start + b].to(device) if labels is not None else None
         score_fn = guided_score_fn(config, sde, model, y, classifier)
         if constraint is not None:
-            score_fn = constraint.conditional_score(score_fn, covariance="isotropic", data_var=DATA_VAR)
+            score_fn = constraint.conditional_score(score_fn, covariance="isotropic",
+                                                    data_var=float(s.get("inpaint_data_var", DATA_VAR)))
         res = solvers.sample(sde, score_fn, (b, *shape), method=s.method, num_steps=int(s.num_steps),
                              generator=gen, eps=float(s.eps), schedule=s.schedule, denoise=bool(s.denoise),
                              progress=progress, device=device, constraint=constraint, **options)
