@@ -30,4 +30,6 @@ def get_config():
     config.model.dropout = 0.1
     config.model.skip_rescale = True
     config.model.embedding_type = "positional"
+    config.eval.num_generated = 50_000     # FID over 50k samples, as published
+    config.eval.generate_batch_size = 500
     return config
