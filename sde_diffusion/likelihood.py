@@ -52,10 +52,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
+
+from . import odeint
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -207,44 +209,6 @@ def probability_flow_divergence(sde, score_fn: ScoreFn, x: Tensor, t: float, met
     return v.detach(), div.detach()
 
 
-# ---------------------------------------------------------------------- integrators on the augmented state
-def _fixed_step(F, z: Tensor, grid: Sequence[float], solver: str) -> Tensor:
-    for t, s in zip(grid[:-1], grid[1:]):
-        h = s - t
-        if solver == "euler":
-            z = z + h * F(z, t)
-        elif solver == "heun":
-            k1 = F(z, t)
-            k2 = F(z + h * k1, s)
-            z = z + 0.5 * h * (k1 + k2)
-        elif solver == "rk4":
-            m = t + 0.5 * h
-            k1 = F(z, t)
-            k2 = F(z + 0.5 * h * k1, m)
-            k3 = F(z + 0.5 * h * k2, m)
-            k4 = F(z + h * k3, s)
-            z = z + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-        else:
-            raise ValueError(f"unknown solver {solver!r}; available: {', '.join(SOLVERS)}")
-    return z
-
-
-def _rk45(F, z: Tensor, t0: float, t1: float, rtol: float, atol: float) -> Tensor:
-    from scipy.integrate import solve_ivp
-
-    shape, dtype, device = z.shape, z.dtype, z.device
-
-    def fun(t, y):
-        zt = torch.from_numpy(y).reshape(shape).to(dtype=dtype, device=device)
-        return F(zt, float(t)).to("cpu", torch.float64).reshape(-1).numpy()
-
-    y0 = z.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    sol = solve_ivp(fun, (t0, t1), y0, method="RK45", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise FloatingPointError(f"RK45 failed between t={t0} and t={t1}: {sol.message}")
-    return torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape).to(dtype=dtype, device=device)
-
-
 # ---------------------------------------------------------------------- the entry point
 def nll(sde, score_fn: ScoreFn, x: Tensor, method: str = "exact", num_probes: int = 1, probe: str = "rademacher",
         solver: str = "rk45", rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100,
@@ -314,14 +278,14 @@ def nll(sde, score_fn: ScoreFn, x: Tensor, method: str = "exact", num_probes: in
 
     z0 = torch.cat([y.reshape(B, D), torch.zeros(B, K, dtype=y.dtype, device=y.device)], 1)
     if solver == "rk45":
-        if rtol <= 0 or atol <= 0:
-            raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
-        zT = _rk45(F, z0, eps, T, rtol, atol)
+        zT = odeint.rk45(F, z0, eps, T, rtol, atol)
     else:
         if int(num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         grid = np.linspace(eps, T, int(num_steps) + 1).tolist()
-        zT = _fixed_step(F, z0, grid, solver)
+        zT = z0
+        for t, s in zip(grid[:-1], grid[1:]):
+            zT = odeint.rk_step(F, zT, t, s, solver)
 
     xT = zT[:, :D].reshape(shape)
     delta = zT[:, D:]                                                   # (B, K)

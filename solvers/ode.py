@@ -6,33 +6,13 @@ Fixed-step ``euler`` (order 1, 1 NFE/step), ``heun`` (order 2, 2 NFE/step; the d
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from sde_diffusion.odeint import FIXED_STEP_METHODS, rk45, rk_step
 
 from .base import NonFiniteError, register_sampler
 
-__all__ = ["ode_step"]
-
-_FIXED = ("euler", "heun", "rk4")
-
-
-def ode_step(velocity, x, t, s, solver: str):
-    """One step of size h = s - t (< 0) of dx/dt = velocity(x, t)."""
-    h = s - t
-    if solver == "euler":
-        return x + h * velocity(x, t)
-    if solver == "heun":
-        k1 = velocity(x, t)
-        k2 = velocity(x + h * k1, s)
-        return x + 0.5 * h * (k1 + k2)
-    if solver == "rk4":
-        mid = t + 0.5 * h
-        k1 = velocity(x, t)
-        k2 = velocity(x + 0.5 * h * k1, mid)
-        k3 = velocity(x + 0.5 * h * k2, mid)
-        k4 = velocity(x + h * k3, s)
-        return x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-    raise ValueError(f"unknown ODE solver {solver!r}; available: {', '.join(_FIXED + ('rk45',))}")
+_FIXED = FIXED_STEP_METHODS
 
 
 @register_sampler("ode", variants=[{"solver": s} for s in _FIXED + ("rk45",)],
@@ -47,26 +27,16 @@ def ode(ctx, x, timesteps, solver: str = "heun", rtol: float = 1e-5, atol: float
     if solver in _FIXED:
         for i in range(len(timesteps) - 1):
             t, s = float(timesteps[i]), float(timesteps[i + 1])
-            x = ode_step(velocity, x, t, s, solver)
+            x = rk_step(velocity, x, t, s, solver)
             x = ctx.step_done(i, s, x)
         return x
     if solver != "rk45":
         raise ValueError(f"unknown ODE solver {solver!r}; available: {', '.join(_FIXED + ('rk45',))}")
-    if rtol <= 0 or atol <= 0:
-        raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
-    from scipy.integrate import solve_ivp
-
-    shape, dtype, device = x.shape, x.dtype, x.device
-
-    def fun(t, y):
-        yt = torch.from_numpy(y).reshape(shape).to(dtype=dtype, device=device)
-        v = velocity(yt, t)
-        ctx.step_done(ctx.nfe - 1, t, yt, adaptive=True)
-        return v.detach().to("cpu", torch.float64).reshape(-1).numpy()
-
     t0, t1 = float(timesteps[0]), float(timesteps[-1])
-    y0 = x.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    sol = solve_ivp(fun, (t0, t1), y0, method="RK45", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise NonFiniteError(f"adaptive RK45 failed between t={t0} and t={t1}: {sol.message}")
-    return torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape).to(dtype=dtype, device=device)
+    try:
+        return rk45(velocity, x, t0, t1, rtol, atol,
+                    on_eval=lambda t, y: ctx.step_done(ctx.nfe - 1, t, y, adaptive=True))
+    except NonFiniteError:
+        raise
+    except FloatingPointError as e:
+        raise NonFiniteError(str(e)) from e
