@@ -69,32 +69,10 @@ class Upsample(nn.Module):
         return self.conv(h) if self.conv is not None else h
 
 
-class ResBlockDDPM(nn.Module):
-    """DDPM residual block: GN, act, conv, +temb, GN, act, dropout, conv (zero-init); 1x1 skip if channels change."""
-
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, act: str, skip_rescale: bool):
-        super().__init__()
-        self.norm0 = group_norm(in_ch)
-        self.conv0 = conv3x3(in_ch, out_ch)
-        self.temb = dense(temb_dim, out_ch)
-        self.norm1 = group_norm(out_ch)
-        self.drop = nn.Dropout(dropout)
-        self.conv1 = conv3x3(out_ch, out_ch, init_scale=0.0)
-        self.skip = conv1x1(in_ch, out_ch) if in_ch != out_ch else None
-        self.act = get_act(act)
-        self.skip_rescale = skip_rescale
-
-    def forward(self, x, temb):
-        h = self.conv0(self.act(self.norm0(x)))
-        h = h + self.temb(self.act(temb))[:, :, None, None]
-        h = self.conv1(self.drop(self.act(self.norm1(h))))
-        x = self.skip(x) if self.skip is not None else x
-        return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
-
-
-class ResBlockBigGAN(nn.Module):
-    """BigGAN-style block (NCSN++/DDPM++): optional nearest up / average-pool down inside the block, applied to both
-    branches; 1x1 skip when channels change or the resolution does."""
+class ResBlock(nn.Module):
+    """Residual block: GN, act, [resample], conv, +temb, GN, act, dropout, conv (zero-init); 1x1 skip when channels
+    or resolution change.  Without ``up``/``down`` it is DDPM's block; with them the BigGAN-style block of
+    NCSN++/DDPM++ (nearest up / average-pool down inside the block, applied to both branches)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, act: str, skip_rescale: bool,
                  up: bool = False, down: bool = False):
@@ -159,9 +137,7 @@ class UNet(nn.Module):
         biggan = m.resblock_type == "biggan"
 
         def resblock(i, o, **kw):
-            if biggan:
-                return ResBlockBigGAN(i, o, temb_dim, m.dropout, act, skip_rescale, **kw)
-            return ResBlockDDPM(i, o, temb_dim, m.dropout, act, skip_rescale)
+            return ResBlock(i, o, temb_dim, m.dropout, act, skip_rescale, **kw)
 
         self.time_embed = TimeEmbedding(nf, temb_dim, m.embedding_type, m.time_scale, m.fourier_scale,
                                         m.num_classes, act)
