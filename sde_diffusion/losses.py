@@ -83,17 +83,8 @@ def ddpm_loss(sde: VPSDE, noise_fn: Callable[[Tensor, Tensor, Tensor], Tensor], 
     DDPM's integer step i).  ``noise_fn(x, t, std)`` as from ``networks.get_noise_fn``."""
     if not isinstance(sde, VPSDE):
         raise ValueError(f"the DDPM loss needs a VP SDE, got {type(sde).__name__}")
-    B, N = x0.shape[0], sde.N
-    if i is None:
-        i = torch.randint(0, N, (B,), generator=generator, device=x0.device)
-    if z is None:
-        z = _randn_like(x0, generator)
-    abar = sde.alphas_cumprod.to(device=x0.device)[i].to(x0.dtype)
-    a = expand_as_batch(abar.sqrt(), x0)
-    std = (1.0 - abar).sqrt()
-    xt = a * x0 + expand_as_batch(std, x0) * z
-    t = i.to(x0.dtype) * (sde.T / max(N - 1, 1))
-    return _reduce((noise_fn(xt, t, std) - z) ** 2, reduce)
+    abar = sde.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+    return _discrete_noise_loss(sde, noise_fn, x0, abar.sqrt(), (1.0 - abar).sqrt(), reduce, generator, i, z)
 
 
 def smld_loss(sde: VESDE, noise_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, *,
@@ -104,15 +95,22 @@ def smld_loss(sde: VESDE, noise_fn: Callable[[Tensor, Tensor, Tensor], Tensor], 
     t_i = i T / (N - 1) (where ``sde.sigma(t_i) = discrete_sigmas[i]``)."""
     if not isinstance(sde, VESDE):
         raise ValueError(f"the SMLD loss needs a VE SDE, got {type(sde).__name__}")
+    sigma = sde.discrete_sigmas.to(device=x0.device, dtype=x0.dtype)
+    return _discrete_noise_loss(sde, noise_fn, x0, torch.ones_like(sigma), sigma, reduce, generator, i, z)
+
+
+def _discrete_noise_loss(sde, noise_fn, x0: Tensor, a_table: Tensor, std_table: Tensor, reduce: str,
+                         generator: Optional[torch.Generator], i: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
+    """|| eps_hat(x_i, t_i) - z ||^2 for x_i = a_i x0 + std_i z, i ~ U{0..N-1}, network time t_i = i T / (N - 1)."""
     B, N = x0.shape[0], sde.N
     if i is None:
         i = torch.randint(0, N, (B,), generator=generator, device=x0.device)
     if z is None:
         z = _randn_like(x0, generator)
-    sigma = sde.discrete_sigmas.to(device=x0.device)[i].to(x0.dtype)
-    xt = x0 + expand_as_batch(sigma, x0) * z
+    a, std = a_table[i], std_table[i]
+    xt = expand_as_batch(a, x0) * x0 + expand_as_batch(std, x0) * z
     t = i.to(x0.dtype) * (sde.T / max(N - 1, 1))
-    return _reduce((noise_fn(xt, t, sigma) - z) ** 2, reduce)
+    return _reduce((noise_fn(xt, t, std) - z) ** 2, reduce)
 
 
 def get_loss_fn(config, sde: SDE) -> Callable:
