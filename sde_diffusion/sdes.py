@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Optional, Tuple
 
 import torch
+
+from .registry import Registry
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -47,22 +49,9 @@ def _as_time(t, like: Optional[Tensor] = None) -> Tensor:
     return torch.tensor(float(t), dtype=like.dtype, device=like.device)
 
 
-_REGISTRY: Dict[str, Type["SDE"]] = {}
-
-
-def register_sde(name: str):
-    """Class decorator: make an SDE buildable by ``get_sde(name, **kw)``."""
-    def deco(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"an SDE named {name!r} is already registered")
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-    return deco
-
-
-def available_sdes():
-    return sorted(_REGISTRY)
+_REGISTRY = Registry("SDE")
+register_sde = _REGISTRY.register        # class decorator: make an SDE buildable by ``get_sde(name, **kw)``
+available_sdes = _REGISTRY.names
 
 
 def get_sde(name: str, **kwargs) -> "SDE":
@@ -70,9 +59,7 @@ def get_sde(name: str, **kwargs) -> "SDE":
     key = name.lower()
     aliases = {"vp": "vpsde", "subvp": "subvpsde", "ve": "vesde"}
     key = aliases.get(key, key)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown SDE {name!r}; available: {', '.join(available_sdes())}")
-    return _REGISTRY[key](**kwargs)
+    return _REGISTRY.get(key, shown=name)(**kwargs)
 
 
 class SDE(abc.ABC):

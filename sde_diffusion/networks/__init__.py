@@ -10,34 +10,19 @@ int64 labels (B,) when ``model.num_classes > 0`` (index ``num_classes`` is the n
 """
 from __future__ import annotations
 
-from typing import Dict, Type
-
 from torch import nn
 
-_NETWORKS: Dict[str, Type[nn.Module]] = {}
+from ..registry import Registry
 
-
-def register_network(name: str):
-    """Class decorator: make a network buildable by ``get_network(config)`` with ``config.model.name = name``."""
-    def deco(cls):
-        if name in _NETWORKS:
-            raise ValueError(f"a network named {name!r} is already registered")
-        _NETWORKS[name] = cls
-        cls.network_name = name
-        return cls
-    return deco
-
-
-def available_networks():
-    return sorted(_NETWORKS)
+_NETWORKS = Registry("network", attr="network_name")
+register_network = _NETWORKS.register    # class decorator: ``get_network(config)`` builds it for model.name = name
+available_networks = _NETWORKS.names
 
 
 def get_network(config) -> nn.Module:
     """Build the network named by ``config.model.name`` (float32, on the CPU)."""
     name = config.model.name
-    if name not in _NETWORKS:
-        raise ValueError(f"unknown network {name!r}; available: {', '.join(available_networks())}")
-    model = _NETWORKS[name](config)
+    model = _NETWORKS.get(name)(config)
     model.parameterization = check_parameterization(config.model.parameterization)
     model.num_classes = int(config.model.num_classes)
     return model
