@@ -93,7 +93,9 @@ class SamplingContext:
         self.nfe = 0
 
     def score(self, x: Tensor, t) -> Tensor:
-        """score_fn(x, t) with t broadcast to (B,); counted, and checked for shape and finiteness."""
+        """score_fn(x, t) with t broadcast to (B,); counted and checked for shape.  Finiteness is checked once per step,
+        on the state (``step_done``): a non-finite score makes the state non-finite, and one device sync per step is
+        enough."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
@@ -102,9 +104,6 @@ class SamplingContext:
         if not isinstance(s, Tensor) or s.shape != x.shape:
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
             raise ValueError(f"score_fn returned {shape} for x of shape {tuple(x.shape)}; it must return x's shape")
-        if not torch.isfinite(s).all():
-            raise NonFiniteError(f"score_fn returned non-finite values at t={float(t[0]):.6g} "
-                                 f"(score evaluation {self.nfe}); check the network or the time range (eps)")
         return s
 
     def noise(self, x: Tensor) -> Tensor:
@@ -120,8 +119,9 @@ class SamplingContext:
     def step_done(self, i: int, t, x: Tensor, **extra) -> Tensor:
         """After step i (now at time t): check the state, apply the constraint, call the callback; return the state."""
         if not torch.isfinite(x).all():
-            raise NonFiniteError(f"samples became non-finite at step {i + 1} (t={float(t):.6g}); "
-                                 f"try more steps, a larger eps or a smaller corrector snr")
+            raise NonFiniteError(f"samples became non-finite at step {i + 1} (t={float(t):.6g}, after {self.nfe} "
+                                 f"score evaluations): check the score network, or try more steps, a larger eps "
+                                 f"or a smaller corrector snr")
         if self.constraint is not None:
             x = self.constraint(x, torch.as_tensor(t, dtype=x.dtype, device=x.device), self.generator)
         if self.callback is not None:
