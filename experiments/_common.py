@@ -26,6 +26,13 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_and_run(parser: argparse.ArgumentParser, run, argv=None):
+    """Parse ``argv`` and call ``run(args)`` with ``--threads`` torch intra-op threads; return its result."""
+    args = parser.parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
 class torch_threads:
     """Context manager: run with ``n`` torch intra-op threads, restore the previous number afterwards."""
 

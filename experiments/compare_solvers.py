@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import solvers
-from experiments._common import (Checks, Report, Table, fmt, make_parser, prepare_out, progress, pyplot,
-                                 torch_threads)
+from experiments._common import (Checks, Report, Table, fmt, make_parser, parse_and_run, prepare_out, progress,
+                                 pyplot)
 from sde_diffusion import metrics, sdes, targets
 
 NAME = "compare_solvers"
@@ -371,9 +371,7 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument("--samples", type=int, default=None, help="samples per run (default 10000; quick 2000)")
     p.add_argument("--dim", type=int, default=None, help="dimension of the Gaussian target (default 64; quick 16)")
     p.add_argument("--workdir", default=None, help="also compare on this trained checkpoint (held-out data)")
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return run(args)
+    return parse_and_run(p, run, argv)
 
 
 def run(args):

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from experiments._common import (Checks, Report, Table, fit_order, make_parser, prepare_out, pyplot, torch_threads)
+from experiments._common import Checks, Report, Table, fit_order, make_parser, parse_and_run, prepare_out, pyplot
 from sde_diffusion import sdes
 
 NAME = "ddpm_equivalence"
@@ -69,9 +69,7 @@ def main(argv: Optional[Sequence[str]] = None):
     p = make_parser(NAME, __doc__.split("\n")[0])
     p.add_argument("--beta-min", type=float, default=0.1)
     p.add_argument("--beta-max", type=float, default=20.0)
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return run(args)
+    return parse_and_run(p, run, argv)
 
 
 def run(args):

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from experiments._common import (Checks, Report, Table, fit_order, make_parser, prepare_out, progress, pyplot,
-                                 torch_threads)
+from experiments._common import (Checks, Report, Table, fit_order, make_parser, parse_and_run, prepare_out,
+                                 progress, pyplot)
 from sde_diffusion import metrics, sdes, targets
 
 NAME = "heat_kernel"
@@ -753,9 +753,7 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument("--trained-workdir", default=None,
                    help="part 4: also evaluate the toy_1d score network of this workdir (trained there if absent)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps when --trained-workdir is empty")
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return run(args)
+    return parse_and_run(p, run, argv)
 
 
 def run(args):
