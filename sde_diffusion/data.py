@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from . import targets
+from .atomic import atomic_path
 
 Tensor = torch.Tensor
 
@@ -100,10 +100,9 @@ def download_cifar10(root: str, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, 
     """Download the CIFAR-10 tarball into ``root`` (temporary file, md5 check, then rename); returns its path."""
     os.makedirs(root, exist_ok=True)
     dest = os.path.join(root, CIFAR10_FILENAME)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".cifar10-", suffix=".part")
-    try:
+    with atomic_path(dest, suffix=".part") as tmp:
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 while True:
                     block = resp.read(1 << 20)
                     if not block:
@@ -115,11 +114,7 @@ def download_cifar10(root: str, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, 
         if got != md5:
             raise DatasetError(f"downloaded CIFAR-10 from {url} has md5 {got}, expected {md5}: the download is "
                                f"corrupt or truncated; try again. " + _missing_message(root))
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return dest
 
 
 def _decode_batch(raw: bytes, name: str, source: str) -> Tuple[np.ndarray, np.ndarray]:

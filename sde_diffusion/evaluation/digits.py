@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_path
 from .fid import feature_statistics, frechet_distance
 
 Tensor = torch.Tensor
@@ -120,17 +120,8 @@ def _train(seed, epochs, batch_size, lr, verbose):
 
 
 def _atomic_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_or_train_classifier(cache_dir: Optional[str] = None, seed: int = 0,

@@ -14,13 +14,14 @@ Feature statistics of a data set (mean and covariance) are cached to ``.npz`` fi
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from ..atomic import atomic_path
 
 __all__ = ["frechet_distance", "feature_statistics", "kid", "mmd2_unbiased", "polynomial_kernel", "inception_score",
            "save_statistics", "load_statistics", "cached_statistics", "compute_features", "InceptionMetrics"]
@@ -108,17 +109,8 @@ def inception_score(logits, splits: int = 10) -> Tuple[float, float]:
 # ---------------------------------------------------------------------- cached statistics
 def save_statistics(path: str, mu, sigma, **extra) -> None:
     """Write mu, sigma (and extra arrays) to ``path`` (.npz) atomically: a temp file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_stats_", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, mu=np.asarray(mu), sigma=np.asarray(sigma), **{k: np.asarray(v) for k, v in extra.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, mu=np.asarray(mu), sigma=np.asarray(sigma), **{k: np.asarray(v) for k, v in extra.items()})
 
 
 def load_statistics(path: str) -> Dict[str, np.ndarray]:

@@ -12,19 +12,19 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
 from typing import List, Optional, Tuple, Union
 
 import torch
 
 from .. import configs as configs_lib
+from ..atomic import atomic_path, atomic_write_text
 from ..networks import get_network, get_score_fn
 
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 FORMAT_VERSION = 1
 
 __all__ = ["checkpoint_dir", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "save_checkpoint",
-           "load_checkpoint", "load_model", "load_score_fn", "CheckpointError"]
+           "load_checkpoint", "load_model", "load_score_fn", "CheckpointError", "atomic_write_text"]
 
 
 class CheckpointError(RuntimeError):
@@ -71,32 +71,11 @@ def resolve_checkpoint(workdir: str, checkpoint: Union[None, int, str] = None) -
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(workdir: str, state: dict, step: int, keep: int = 3) -> str:

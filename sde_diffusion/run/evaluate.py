@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from absl import logging
 
+from ..atomic import atomic_path
 from .. import likelihood as likelihood_lib
 from ..data import get_data_scaler, get_dataset, mix_seed
 from ..likelihood import nll
@@ -306,14 +307,8 @@ class _State:
 
 
 def _atomic_savez(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class _Writer:

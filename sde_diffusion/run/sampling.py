@@ -46,6 +46,7 @@ from absl import logging
 
 import solvers
 
+from ..atomic import atomic_path
 from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset
 from ..guidance import cfg_score_batched, classifier_score
 from ..inpainting import Colorize, Inpaint
@@ -422,11 +423,15 @@ def save_samples(config, result: dict, out_dir: str, step: int = -1, reference: 
         if key in result:
             arrays[key] = result[key].numpy().astype(np.float32)
     npz = os.path.join(out_dir, "samples.npz")
-    tmp = npz + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, npz)
+    with atomic_path(npz, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     png = os.path.join(out_dir, "samples.png")
-    tmp_png = os.path.join(out_dir, ".tmp-samples.png")
+    with atomic_path(png, suffix=".png") as tmp_png:
+        _save_grid(config, result, x, tmp_png, step, reference)
+    return {"npz": npz, "png": png}
+
+
+def _save_grid(config, result: dict, x: Tensor, path: str, step: int, reference: Optional[Tensor]) -> None:
     if x.dim() == 4:
         nrow = None
         if "original" in result:
@@ -435,12 +440,9 @@ def save_samples(config, result: dict, out_dir: str, step: int = -1, reference: 
             grid, nrow = class_rows(x, result["labels"])
         else:
             grid = x[:256]
-        save_image_grid(grid, tmp_png, nrow=nrow,
-                        scale=max(1, 128 // x.shape[-1]) if x.shape[-1] < 32 else 2)
+        save_image_grid(grid, path, nrow=nrow, scale=max(1, 128 // x.shape[-1]) if x.shape[-1] < 32 else 2)
     else:
-        plot_points(x, tmp_png, reference=reference, title=f"{config.name} samples (step {step})")
-    os.replace(tmp_png, png)
-    return {"npz": npz, "png": png}
+        plot_points(x, path, reference=reference, title=f"{config.name} samples (step {step})")
 
 
 def output_tag(config) -> str:
