@@ -10,9 +10,10 @@ Targets with exact scores (``sde_diffusion.targets``), on the VP SDE (beta 0.1 -
     from the mode weights decays only as n^-1/4.)
   * ``bimodal``: 0.3 N(-1, 0.2^2) + 0.7 N(1, 0.2^2) (the ``toy_1d`` law); error = W1 to the analytic CDF.
 Every sampler in ``solvers.available()`` with every entry of ``get_sampler(m).variants`` runs on the ``uniform`` and
-``edm`` time grids, all from the same prior draw (common random numbers); ``num_steps`` is chosen so that the NFE actually used (``SampleResult.nfe``, the final Tweedie
-denoising included) is as close as possible to each rung of the ladder — the NFE per step of each sampler is
-measured, not assumed.  Adaptive samplers (``fixed_steps`` false, e.g. RK45) run over a tolerance ladder instead.
+``edm`` time grids, all from the same prior draw (common random numbers); ``num_steps`` is chosen so that the NFE
+actually used (``SampleResult.nfe``, the grid's landing step on x0_hat included) is as close as possible to each rung
+of the ladder — the NFE per step of each sampler is measured, not assumed.  Adaptive samplers (``kind == "adaptive"``,
+e.g. RK45) run over a tolerance ladder instead.
 A noise-floor row per target scores fresh exact samples the same way (mean of five draws).  New samplers join automatically.
 
 With ``--workdir DIR`` the same ladder runs on a trained checkpoint (``run.checkpoints.load_score_fn``), scored by

@@ -498,8 +498,8 @@ def exact_flow(target, sde, x_T, eps, analytic: bool = True):
         x0 = float(target.mean[0])
         (aT, sT), (ae, se) = _ac(sde, sde.T), _ac(sde, eps)
         return ae * x0 + se / sT * (x_T - aT * x0)
-    return solvers.sample(sde, target.score_fn(sde), tuple(x_T.shape), "ode", 1, x_init=x_T, denoise=False,
-                          dtype=F64, eps=eps, solver="rk45", rtol=1e-10, atol=1e-10).samples
+    return solvers.sample(sde, target.score_fn(sde), tuple(x_T.shape), "rk45", 1, x_init=x_T, denoise=False,
+                          dtype=F64, eps=eps, rtol=1e-10, atol=1e-10).samples
 
 
 def recovery_error(samples: np.ndarray, cdf) -> Dict[str, float]:

@@ -40,11 +40,13 @@ def rk_step(F: VectorField, x: Tensor, t: float, s: float, method: str) -> Tenso
 
 
 def rk45(F: VectorField, x: Tensor, t0: float, t1: float, rtol: float, atol: float,
-         on_eval: Optional[Callable[[float, Tensor], None]] = None) -> Tensor:
+         on_eval: Optional[Callable[[float, Tensor], None]] = None, return_stats: bool = False):
     """x(t1) for dx/dt = F(x, t), x(t0) = x, by adaptive RK45 with tolerances ``rtol``/``atol``.
 
-    ``on_eval(t, x_t)`` is called after every evaluation of F.  Raises ``ValueError`` for non-positive tolerances and
-    ``FloatingPointError`` when the integration fails (e.g. the field stops being finite)."""
+    ``on_eval(t, x_t)`` is called after every evaluation of F.  With ``return_stats`` returns ``(x(t1), stats)``,
+    stats = {"accepted", "rejected", "nfev"} (Dormand–Prince costs 6 new evaluations per attempted step after the 2 of
+    the initial step-size selection).  Raises ``ValueError`` for non-positive tolerances and ``FloatingPointError``
+    when the integration fails (e.g. the field stops being finite)."""
     if rtol <= 0 or atol <= 0:
         raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
     from scipy.integrate import solve_ivp
@@ -62,4 +64,9 @@ def rk45(F: VectorField, x: Tensor, t0: float, t1: float, rtol: float, atol: flo
     sol = solve_ivp(fun, (float(t0), float(t1)), y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise FloatingPointError(f"adaptive RK45 failed between t={t0} and t={t1}: {sol.message}")
-    return torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape).to(dtype=dtype, device=device)
+    out = torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape).to(dtype=dtype, device=device)
+    if not return_stats:
+        return out
+    accepted = len(sol.t) - 1
+    return out, {"accepted": accepted, "rejected": max(0, (int(sol.nfev) - 2) // 6 - accepted),
+                 "nfev": int(sol.nfev)}

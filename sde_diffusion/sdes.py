@@ -11,6 +11,14 @@ its log-density, the one-step discretisation used by ancestral / reverse-diffusi
 
 or its probability-flow ODE  dx = [f(x, t) - 1/2 g(t)^2 s(x, t)] dt   (Song et al. 2021, eq. 13).
 
+Every SDE is also a **Gaussian path**, the interface the samplers work with (solvers v2): ``marginal_coeffs(t)`` =
+(a, sigma), ``marginal_coeffs_dt(t)`` = (da/dt, dsigma/dt), ``log_snr(t)`` = lambda(t) = log(a/sigma) (strictly
+decreasing) and its inverse ``t_from_log_snr(lam)`` (closed form for every SDE here; bisection is the fallback of the
+base class), ``t_min`` (the smallest time the path is defined at) and ``sampling_eps`` (the default last positive time
+of a sampler's grid).  Drift and diffusion follow from any path (``drift_from_path`` / ``diffusion_from_path``):
+f(x, t) = (a'/a) x and g(t)^2 = 2 sigma sigma' - 2 (a'/a) sigma^2 (the moment equations dm/dt = f m, dv/dt = 2 f v + g^2
+of a linear SDE solved for f and g), so a new Gaussian process needs only its (a, sigma).
+
 Shapes: ``x`` is ``(B, *D)``; ``t`` is a float or a tensor of shape ``()`` or ``(B,)``.  Coefficients that depend only
 on t come back with ``t``'s shape; ``expand_as_batch`` broadcasts them against ``x``.
 """
@@ -70,8 +78,15 @@ class SDE(abc.ABC):
     """
 
     name = "sde"
-    #: default smallest time a sampler integrates to (the score blows up as t -> 0)
+    #: default smallest time of likelihood integration, DSM training and classifier training (the score blows up as
+    #: t -> 0)
     default_eps = 1e-3
+    #: default last positive time of a sampler's grid (solvers.sample's ``eps``): small enough that the noise left
+    #: there (sigma ~ 1e-3 of the data scale) sits below the sample-size floor of the analytic targets, since the grid
+    #: ends with a jump to the denoised x0-hat at no extra cost
+    sampling_eps = 1e-5
+    #: smallest time the path is defined at (sigma(t_min) = 0 for every SDE here)
+    t_min = 0.0
 
     def __init__(self, N: int = 1000):
         if int(N) < 1:
@@ -84,13 +99,13 @@ class SDE(abc.ABC):
     def T(self) -> float:
         """End time of the forward process."""
 
-    @abc.abstractmethod
     def drift(self, x: Tensor, t) -> Tensor:
-        """f(x, t), shape of x."""
+        """f(x, t), shape of x (default: derived from the path, ``drift_from_path``)."""
+        return self.drift_from_path(x, t)
 
-    @abc.abstractmethod
     def diffusion(self, t) -> Tensor:
-        """g(t), shape of t."""
+        """g(t), shape of t (default: derived from the path, ``diffusion_from_path``)."""
+        return self.diffusion_from_path(t)
 
     @abc.abstractmethod
     def marginal_coeffs(self, t) -> Tuple[Tensor, Tensor]:
@@ -100,6 +115,47 @@ class SDE(abc.ABC):
     @abc.abstractmethod
     def prior_std(self) -> float:
         """Standard deviation of the isotropic Gaussian prior N(0, prior_std^2 I) used at time T."""
+
+    # ------------------------------------------------------------------ Gaussian path
+    def marginal_coeffs_dt(self, t) -> Tuple[Tensor, Tensor]:
+        """(da/dt, dsigma/dt) at t, shapes of t.  Default: autograd through ``marginal_coeffs`` (subclasses here give
+        closed forms)."""
+        t = _as_time(t).detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            a, s = self.marginal_coeffs(t)
+            da, ds = (torch.autograd.grad(c.sum(), t, retain_graph=True)[0] if c.requires_grad
+                      else torch.zeros_like(t) for c in (a, s))      # a constant coefficient has no graph
+        return da.detach(), ds.detach()
+
+    def log_snr(self, t) -> Tensor:
+        """lambda(t) = log(a(t) / sigma(t)), strictly decreasing in t; +inf where sigma = 0."""
+        a, s = self.marginal_coeffs(_as_time(t))
+        return torch.log(a) - torch.log(s)
+
+    def t_from_log_snr(self, lam) -> Tensor:
+        """The inverse of ``log_snr`` on [t_min, T].  Default: bisection in float64 (subclasses give closed forms)."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        lo = torch.full_like(lam, float(self.t_min))
+        hi = torch.full_like(lam, float(self.T))
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > lam          # lambda decreases: the root lies later
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def drift_from_path(self, x: Tensor, t) -> Tensor:
+        """f(x, t) = (a'(t) / a(t)) x, the drift of the linear SDE whose transition is N(a x0, sigma^2 I)."""
+        t = _as_time(t, x)
+        a, _ = self.marginal_coeffs(t)
+        da, _ = self.marginal_coeffs_dt(t)
+        return expand_as_batch(da / a, x) * x
+
+    def diffusion_from_path(self, t) -> Tensor:
+        """g(t) = sqrt(2 sigma sigma' - 2 (a'/a) sigma^2) (from dv/dt = 2 f v + g^2 with v = sigma^2)."""
+        t = _as_time(t)
+        a, s = self.marginal_coeffs(t)
+        da, ds = self.marginal_coeffs_dt(t)
+        return torch.sqrt(torch.clamp(2 * s * ds - 2 * (da / a) * s ** 2, min=0.0))
 
     # ------------------------------------------------------------------ derived
     def marginal(self, x0: Tensor, t) -> Tuple[Tensor, Tensor]:
@@ -217,6 +273,12 @@ class _LinearBetaSDE(SDE):
         t = _as_time(t, x)
         return -0.5 * expand_as_batch(self.beta(t), x) * x
 
+    def t_from_integrated_beta(self, B) -> Tensor:
+        """The t >= 0 with beta_min t + 1/2 t^2 (beta_max - beta_min) = B, in the cancellation-free form
+        t = 2B / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) B))."""
+        B = torch.as_tensor(B, dtype=torch.float64)
+        return 2 * B / (self.beta_0 + torch.sqrt(self.beta_0 ** 2 + 2 * (self.beta_1 - self.beta_0) * B))
+
     def _repr_args(self):
         return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
 
@@ -246,6 +308,22 @@ class VPSDE(_LinearBetaSDE):
         # sigma^2 = 1 - exp(2 log a), computed with expm1 for accuracy at small t
         return torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
 
+    def marginal_coeffs_dt(self, t):
+        # a' = -1/2 beta a;  sigma' = -a a' / sigma = 1/2 beta a^2 / sigma
+        t = _as_time(t)
+        a, s = self.marginal_coeffs(t)
+        b = self.beta(t)
+        return -0.5 * b * a, 0.5 * b * a ** 2 / s
+
+    def log_snr(self, t):
+        # lambda = log a - 1/2 log(1 - a^2) = -1/2 log(expm1(int beta))
+        return -0.5 * torch.log(torch.expm1(self.integrated_beta(_as_time(t))))
+
+    def t_from_log_snr(self, lam):
+        # sigma^2 / a^2 = e^{int beta} - 1 = e^{-2 lambda}  =>  int beta = log(1 + e^{-2 lambda}) = softplus(-2 lambda)
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        return self.t_from_integrated_beta(torch.nn.functional.softplus(-2 * lam))
+
     def discretize(self, x, t, dt):
         """The DDPM step x_t = sqrt(1 - b) x_{t-dt} + sqrt(b) z with b = beta(t) dt (= beta_i for t = t_i, dt = T/N).
 
@@ -273,6 +351,20 @@ class SubVPSDE(_LinearBetaSDE):
     def marginal_coeffs(self, t):
         log_a = self.log_mean_coeff(t)
         return torch.exp(log_a), -torch.expm1(2 * log_a)
+
+    def marginal_coeffs_dt(self, t):
+        # a' = -1/2 beta a;  sigma = 1 - a^2  =>  sigma' = -2 a a' = beta a^2
+        t = _as_time(t)
+        a, _ = self.marginal_coeffs(t)
+        b = self.beta(t)
+        return -0.5 * b * a, b * a ** 2
+
+    def t_from_log_snr(self, lam):
+        # sigma / a = (1 - a^2) / a = e^{-lambda}: a^2 + e^{-lambda} a - 1 = 0, a = 2 / (e^{-lambda} + sqrt(e^{-2 lambda} + 4))
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        r = torch.exp(-lam)
+        a = 2.0 / (r + torch.sqrt(r ** 2 + 4.0))
+        return self.t_from_integrated_beta(-2.0 * torch.log(a))
 
 
 # ====================================================================== VE
@@ -319,6 +411,17 @@ class VESDE(SDE):
         # sigma(t)^2 - sigma_min^2 = sigma_min^2 (exp(2 t log r) - 1)
         return torch.ones_like(t), self.sigma_min * torch.sqrt(torch.expm1(2 * t * self._log_ratio))
 
+    def marginal_coeffs_dt(self, t):
+        # sigma_t^2 = sigma_min^2 (e^{2 t L} - 1)  =>  sigma_t' = sigma_min^2 L e^{2 t L} / sigma_t
+        t = _as_time(t)
+        _, s = self.marginal_coeffs(t)
+        return torch.zeros_like(t), self.sigma_min ** 2 * self._log_ratio * torch.exp(2 * t * self._log_ratio) / s
+
+    def t_from_log_snr(self, lam):
+        # sigma_t = e^{-lambda}  =>  e^{2 t L} = 1 + e^{-2 lambda} / sigma_min^2
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        return torch.log1p(torch.exp(-2 * lam) / self.sigma_min ** 2) / (2 * self._log_ratio)
+
     def discretize(self, x, t, dt):
         """SMLD step: f = 0, G = sqrt(sigma(t)^2 - sigma(t - dt)^2), the exact variance gained over [t - dt, t]
         (t - dt clamped at 0).  On the grid t_i = i T/(N-1), dt = T/(N-1) this is sigma_i^2 - sigma_{i-1}^2."""
@@ -362,6 +465,17 @@ class OUSDE(SDE):
         t = _as_time(t)
         return torch.exp(-self.theta * t), self.prior_std * torch.sqrt(-torch.expm1(-2 * self.theta * t))
 
+    def marginal_coeffs_dt(self, t):
+        # a' = -theta a;  sigma^2 = s_inf^2 (1 - a^2)  =>  sigma' = theta s_inf^2 a^2 / sigma
+        t = _as_time(t)
+        a, s = self.marginal_coeffs(t)
+        return -self.theta * a, self.theta * self.prior_std ** 2 * a ** 2 / s
+
+    def t_from_log_snr(self, lam):
+        # sigma^2 / a^2 = s_inf^2 (e^{2 theta t} - 1) = e^{-2 lambda}
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        return torch.log1p(torch.exp(-2 * lam) / self.prior_std ** 2) / (2 * self.theta)
+
     def _repr_args(self):
         return {"theta": self.theta, "sigma": self.sigma, "T": self._T, "N": self.N}
 
@@ -394,6 +508,15 @@ class BrownianSDE(SDE):
     def marginal_coeffs(self, t):
         t = _as_time(t)
         return torch.ones_like(t), torch.sqrt(2 * self.D * t)
+
+    def marginal_coeffs_dt(self, t):
+        # sigma = sqrt(2 D t)  =>  sigma' = D / sigma
+        t = _as_time(t)
+        return torch.zeros_like(t), self.D / torch.sqrt(2 * self.D * t)
+
+    def t_from_log_snr(self, lam):
+        # 2 D t = e^{-2 lambda}
+        return torch.exp(-2 * torch.as_tensor(lam, dtype=torch.float64)) / (2 * self.D)
 
     def _repr_args(self):
         return {"D": self.D, "T": self._T, "N": self.N}

@@ -10,6 +10,8 @@ On VP, a_{t|s}^2 = alpha_t and v_{t|s} = beta_t = 1 - alpha_t, and with eps = -s
 x_t + (sigma_t^2 - sigma_s^2) score.  The added noise has variance
   * ``posterior`` (default): v_{t|s} sigma(s)^2 / sigma(t)^2 — DDPM's beta-tilde, SMLD's ancestral variance;
   * ``beta``: v_{t|s} — DDPM's sigma_t^2 = beta_t.
+A last step to sigma(s) = 0 gives v_{t|s} = sigma(t)^2 and the mean (x + sigma^2 score) / a = x0_hat: the grid lands on
+the data without an extra network call.
 """
 from __future__ import annotations
 
@@ -34,15 +36,17 @@ def ancestral_step(x, score, a_t, s_t, a_s, s_s, noise, variance: str = "posteri
     return mean + torch.sqrt(torch.clamp(var, min=0.0)) * noise
 
 
-@register_sampler("ancestral", variants=[{"variance": "posterior"}, {"variance": "beta"}])
-def ancestral(ctx, x, timesteps, variance: str = "posterior"):
+@register_sampler("ancestral", variants=[{"variance": "posterior"}, {"variance": "beta"}], stochastic=True,
+                  lands_on_data=True)
+def ancestral(ctx, x, grid, variance: str = "posterior"):
     """Ancestral sampling (DDPM on VP, SMLD on VE): exact Gaussian-transition reverse mean plus posterior noise."""
     if variance not in ("posterior", "beta"):
         raise ValueError(f"ancestral variance must be 'posterior' or 'beta', got {variance!r}")
-    for i in range(len(timesteps) - 1):
-        t, s = timesteps[i], timesteps[i + 1]
-        a_t, s_t = ctx.coeffs(t, x)
-        a_s, s_s = ctx.coeffs(s, x)
-        x = ancestral_step(x, ctx.score(x, t), a_t, s_t, a_s, s_s, ctx.noise(x), variance)
-        x = ctx.step_done(i, s, x)
+    for i in range(grid.num_steps):
+        a_t, s_t = grid.coeffs(i, x)
+        a_s, s_s = grid.coeffs(i + 1, x)
+        # the last step to sigma = 0 lands on the posterior mean x0_hat, noise-free (DDPM's Alg. 2 takes z = 0 at t = 1)
+        noise = ctx.noise(x) if float(grid.sigma[i + 1]) > 0 else torch.zeros_like(x)
+        x = ancestral_step(x, ctx.score(x, grid.t[i]), a_t, s_t, a_s, s_s, noise, variance)
+        x = ctx.step_done(i, grid.t[i + 1], x)
     return x

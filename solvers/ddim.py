@@ -18,26 +18,25 @@ from .base import register_sampler
 __all__ = ["ddim_step"]
 
 
-def ddim_step(x, score, a_t, s_t, a_s, s_s, noise, eta: float = 0.0):
-    """One DDIM step from t to s < t given the score at (x, t) and the marginal coefficients."""
-    x0_hat = (x + s_t ** 2 * score) / a_t
-    eps_hat = -s_t * score
-    v_ts = s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
+def ddim_step(x, x0_hat, eps_hat, a_s, s_s, v_ts, s_t, noise=None, eta: float = 0.0):
+    """One DDIM step to s < t from the prediction (x0_hat, eps_hat) at (x, t) (DDIM eq. 12 in (a, sigma))."""
     c2 = eta ** 2 * v_ts * s_s ** 2 / s_t ** 2
     out = a_s * x0_hat + torch.sqrt(torch.clamp(s_s ** 2 - c2, min=0.0)) * eps_hat
-    return out + torch.sqrt(torch.clamp(c2, min=0.0)) * noise if eta > 0 else out
+    return out + torch.sqrt(torch.clamp(c2, min=0.0)) * noise if noise is not None else out
 
 
-@register_sampler("ddim", variants=[{"eta": 0.0}, {"eta": 1.0}])
-def ddim(ctx, x, timesteps, eta: float = 0.0):
+@register_sampler("ddim", variants=[{"eta": 0.0}, {"eta": 1.0}], stochastic=lambda opts: opts.get("eta", 0.0) > 0,
+                  lands_on_data=True)
+def ddim(ctx, x, grid, eta: float = 0.0):
     """DDIM: eta = 0 deterministic (exponential integrator of the probability flow), eta = 1 ancestral-like."""
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
-    for i in range(len(timesteps) - 1):
-        t, s = timesteps[i], timesteps[i + 1]
-        a_t, s_t = ctx.coeffs(t, x)
-        a_s, s_s = ctx.coeffs(s, x)
-        noise = ctx.noise(x) if eta > 0 else None
-        x = ddim_step(x, ctx.score(x, t), a_t, s_t, a_s, s_s, noise, float(eta))
-        x = ctx.step_done(i, s, x)
+    for i in range(grid.num_steps):
+        a_t, s_t = grid.coeffs(i, x)
+        a_s, s_s = grid.coeffs(i + 1, x)
+        pred = ctx.predict(x, grid.t[i])
+        noise = ctx.noise(x) if eta > 0 and float(grid.sigma[i + 1]) > 0 else None
+        x = ddim_step(x, pred.x0, pred.eps, a_s, s_s, v_ts=s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2, s_t=s_t,
+                      noise=noise, eta=float(eta))
+        x = ctx.step_done(i, grid.t[i + 1], x)
     return x

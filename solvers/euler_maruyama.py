@@ -19,12 +19,12 @@ def euler_maruyama_step(rsde, x, t, h, noise):
     return x - rsde.drift(x, t) * h + rsde.diffusion(t) * torch.sqrt(h) * noise
 
 
-@register_sampler("euler_maruyama")
-def euler_maruyama(ctx, x, timesteps):
+@register_sampler("euler_maruyama", stochastic=True)
+def euler_maruyama(ctx, x, grid):
     """Euler–Maruyama on the reverse-time SDE (weak order 1)."""
     rsde = ctx.sde.reverse(ctx.score)
-    for i in range(len(timesteps) - 1):
-        t, s = timesteps[i], timesteps[i + 1]
+    for i in range(grid.num_steps):
+        t, s = grid.t[i], grid.t[i + 1]
         x = euler_maruyama_step(rsde, x, t, t - s, ctx.noise(x))
         x = ctx.step_done(i, s, x)
     return x

@@ -1,42 +1,31 @@
-"""Probability-flow ODE dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t) (Song et al. 2021, eq. 13), integrated from T to eps.
+"""Probability-flow ODE dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t) (Song et al. 2021, eq. 13), integrated from T down.
 
-Fixed-step ``euler`` (order 1, 1 NFE/step), ``heun`` (order 2, 2 NFE/step; the default, as in EDM) and classical
-``rk4`` (order 4, 4 NFE/step) on the time grid, or adaptive ``rk45`` (scipy ``solve_ivp``, Dormand–Prince, with
-``rtol``/``atol``; one system for the whole batch, as in score_sde; ``num_steps`` is then ignored).
+The velocity is the prediction's ``velocity`` = a' x0_hat + sigma' eps_hat, the same field for every Gaussian path and
+every model output.  Fixed-step ``euler`` (order 1, 1 call/step), ``heun`` (order 2, 2 calls/step; the default, as in
+EDM) and classical ``rk4`` (order 4, 4 calls/step) on the grid.  The adaptive RK45 is its own method, ``rk45``.
 """
 from __future__ import annotations
 
-import torch
+from sde_diffusion.odeint import FIXED_STEP_METHODS, rk_step
 
-from sde_diffusion.odeint import FIXED_STEP_METHODS, rk45, rk_step
+from .base import register_sampler
 
-from .base import NonFiniteError, register_sampler
-
-_FIXED = FIXED_STEP_METHODS
+_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}
 
 
-@register_sampler("ode", variants=[{"solver": s} for s in _FIXED + ("rk45",)],
-                  fixed_steps=lambda opts: opts.get("solver", "heun") != "rk45")
-def ode(ctx, x, timesteps, solver: str = "heun", rtol: float = 1e-5, atol: float = 1e-5):
-    """Probability-flow ODE: fixed-step Euler / Heun / RK4, or adaptive RK45 (scipy) with rtol/atol."""
-    rsde = ctx.sde.reverse(ctx.score, probability_flow=True)
+@register_sampler("ode", variants=[{"solver": s} for s in FIXED_STEP_METHODS],
+                  nfe_per_step=lambda opts: _PER_STEP.get(opts.get("solver", "heun"), 1))
+def ode(ctx, x, grid, solver: str = "heun"):
+    """Probability-flow ODE with fixed-step Euler / Heun / RK4 on the grid."""
+    if solver not in FIXED_STEP_METHODS:
+        raise ValueError(f"unknown ODE solver {solver!r}; available: {', '.join(FIXED_STEP_METHODS)} "
+                         f"(adaptive RK45 is method 'rk45')")
 
     def velocity(y, t):
-        return rsde.drift(y, torch.as_tensor(t, dtype=y.dtype, device=y.device))
+        return ctx.predict(y, t).velocity
 
-    if solver in _FIXED:
-        for i in range(len(timesteps) - 1):
-            t, s = float(timesteps[i]), float(timesteps[i + 1])
-            x = rk_step(velocity, x, t, s, solver)
-            x = ctx.step_done(i, s, x)
-        return x
-    if solver != "rk45":
-        raise ValueError(f"unknown ODE solver {solver!r}; available: {', '.join(_FIXED + ('rk45',))}")
-    t0, t1 = float(timesteps[0]), float(timesteps[-1])
-    try:
-        return rk45(velocity, x, t0, t1, rtol, atol,
-                    on_eval=lambda t, y: ctx.step_done(ctx.nfe - 1, t, y, adaptive=True))
-    except NonFiniteError:
-        raise
-    except FloatingPointError as e:
-        raise NonFiniteError(str(e)) from e
+    for i in range(grid.num_steps):
+        t, s = float(grid.t[i]), float(grid.t[i + 1])
+        x = rk_step(velocity, x, t, s, solver)
+        x = ctx.step_done(i, s, x)
+    return x

@@ -40,8 +40,10 @@ _PREDICTORS = {"reverse_diffusion": reverse_diffusion_step, "euler_maruyama": eu
 
 
 @register_sampler("pc", variants=[{"predictor": "reverse_diffusion", "corrector": "langevin"},
-                                  {"predictor": "euler_maruyama", "corrector": "langevin"}])
-def pc(ctx, x, timesteps, predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
+                                  {"predictor": "euler_maruyama", "corrector": "langevin"}],
+                  nfe_per_step=lambda o: 1 + (int(o.get("n_corrector_steps", 1)) if o.get("corrector", "langevin")
+                                              == "langevin" else 0), stochastic=True)
+def pc(ctx, x, grid, predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
        n_corrector_steps: int = 1):
     """Predictor–corrector: reverse-diffusion (or Euler–Maruyama) predictor, Langevin corrector."""
     if predictor not in _PREDICTORS:
@@ -53,11 +55,11 @@ def pc(ctx, x, timesteps, predictor: str = "reverse_diffusion", corrector: str =
     n_corr = int(n_corrector_steps) if corrector == "langevin" else 0
     step_fn = _PREDICTORS[predictor]
     rsde = ctx.sde.reverse(ctx.score)
-    for i in range(len(timesteps) - 1):
-        t, s = timesteps[i], timesteps[i + 1]
+    for i in range(grid.num_steps):
+        t, s = grid.t[i], grid.t[i + 1]
         if n_corr:
-            a_t, _ = ctx.coeffs(t, x)
-            a_s, _ = ctx.coeffs(s, x)
+            a_t, _ = grid.coeffs(i, x)
+            a_s, _ = grid.coeffs(i + 1, x)
             alpha = (a_t / a_s) ** 2
             for _ in range(n_corr):
                 x = langevin_step(x, ctx.score(x, t), ctx.noise(x), snr, alpha)

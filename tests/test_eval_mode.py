@@ -140,7 +140,7 @@ def test_every_checkpoint_is_evaluated_and_a_second_run_does_nothing(trained, tm
         assert x.shape == (12, 1, 8, 8) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
         assert os.path.isfile(os.path.join(folder, "samples.png"))
         assert not os.path.exists(os.path.join(folder, "sample_batches"))           # removed once assembled
-        assert r["samples"]["nfe"] == 3 * (8 + 1)                                   # 8 steps + denoising, 3 batches
+        assert r["samples"]["nfe"] == 3 * 8                 # 8 ancestral steps, the last landing on x0_hat, 3 batches
         # the metrics are those of the saved samples, next to the floor of 12 real training digits
         m = r["metrics"]
         assert m["kind"] == "digits"

@@ -91,10 +91,10 @@ def test_adaptive_rk45_meets_its_tolerance():
     target, U, lam, mu = _rotated_gaussian()
     x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(2), **F64)
     exact = _exact_flow(sde, x_T, U, lam, mu)
-    loose = solvers.sample(sde, target.score_fn(sde), x_T.shape, "ode", 1, x_init=x_T, eps=EPS, denoise=False,
-                           dtype=torch.float64, solver="rk45", rtol=1e-4, atol=1e-4)
-    tight = solvers.sample(sde, target.score_fn(sde), x_T.shape, "ode", 1, x_init=x_T, eps=EPS, denoise=False,
-                           dtype=torch.float64, solver="rk45", rtol=1e-8, atol=1e-8)
+    loose = solvers.sample(sde, target.score_fn(sde), x_T.shape, "rk45", 1, x_init=x_T, eps=EPS, denoise=False,
+                           dtype=torch.float64, rtol=1e-4, atol=1e-4)
+    tight = solvers.sample(sde, target.score_fn(sde), x_T.shape, "rk45", 1, x_init=x_T, eps=EPS, denoise=False,
+                           dtype=torch.float64, rtol=1e-8, atol=1e-8)
     e_loose = float((loose.samples - exact).abs().max())
     e_tight = float((tight.samples - exact).abs().max())
     assert e_tight < 1e-6 and e_tight < e_loose and tight.nfe > loose.nfe

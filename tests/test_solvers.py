@@ -1,5 +1,7 @@
 """Every sampler, with exact scores, lands on analytic targets; step formulas match DDPM/SMLD written out by hand."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ METHODS = [
     ("pc", {}, 300),
     ("pc", {"predictor": "euler_maruyama"}, 300),
     ("ode", {"solver": "heun"}, 100),
-    ("ode", {"solver": "rk45", "rtol": 1e-6, "atol": 1e-6}, 1),
+    ("rk45", {"rtol": 1e-6, "atol": 1e-6}, 1),
     ("ddim", {}, 500),
 ]
 
@@ -144,7 +146,6 @@ def test_ddim_eta_one_is_the_ancestral_posterior_step():
     Tweedie on the transition) and the same variance; given the same noise they agree to round-off."""
     from solvers.ancestral import ancestral_step
     from solvers.ddim import ddim_step
-    sde = sdes.VESDE()
     target = targets.GaussianMixture([0.4, 0.6], [[-1.0, 0.0], [1.0, 0.5]], 0.2)
     gen = torch.Generator().manual_seed(0)
     x = 2 * torch.randn(32, 2, generator=gen, **F64)
@@ -154,21 +155,26 @@ def test_ddim_eta_one_is_the_ancestral_posterior_step():
         a_t, s_t = sde.marginal_coeffs(t)
         a_s, s_s = sde.marginal_coeffs(s)
         score = target.score_fn(sde)(x, torch.full((32,), t, **F64))
-        assert torch.allclose(ddim_step(x, score, a_t, s_t, a_s, s_s, z, eta=1.0),
+        x0_hat, eps_hat = (x + s_t ** 2 * score) / a_t, -s_t * score
+        v_ts = s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
+        assert torch.allclose(ddim_step(x, x0_hat, eps_hat, a_s, s_s, v_ts, s_t, z, eta=1.0),
                               ancestral_step(x, score, a_t, s_t, a_s, s_s, z), rtol=1e-10, atol=1e-10)
 
 
 def test_ddim_eta_zero_is_exact_for_a_point_mass():
     """For a point mass x0 the probability-flow map is x_s = a_s x0 + sigma_s (x_T - a_T x0)/sigma_T; deterministic
-    DDIM reproduces it in a single step."""
+    DDIM reproduces it in a single step, and with the grid ending on the data it returns x0 itself."""
     sde = sdes.VPSDE()
     x0 = torch.tensor([0.7, -0.2], **F64)
     x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), **F64)
     res = solvers.sample(sde, targets.PointMass(x0).score_fn(sde), (6, 2), "ddim", 1, x_init=x_T, denoise=False,
-                         dtype=torch.float64)
+                         dtype=torch.float64, eps=1e-3)
     a_T, s_T = sde.marginal_coeffs(1.0)
     a_e, s_e = sde.marginal_coeffs(1e-3)
     assert torch.allclose(res.samples, a_e * x0 + s_e * (x_T - a_T * x0) / s_T, rtol=1e-12, atol=1e-12)
+    res = solvers.sample(sde, targets.PointMass(x0).score_fn(sde), (6, 2), "ddim", 1, x_init=x_T,
+                         dtype=torch.float64)
+    assert res.nfe == 1 and torch.allclose(res.samples, x0.expand(6, 2), rtol=1e-12, atol=1e-12)
 
 
 class _Truncated:
@@ -192,7 +198,10 @@ class _Truncated:
     ("ancestral", {}, 1), ("euler_maruyama", {}, 1), ("pc", {"n_corrector_steps": 2}, 3),
     ("ode", {"solver": "euler"}, 1), ("ode", {"solver": "heun"}, 2), ("ode", {"solver": "rk4"}, 4),
     ("ddim", {"eta": 0.5}, 1)])
-def test_nfe_is_exact_and_callback_sees_every_step(method, opts, per_step):
+@pytest.mark.parametrize("denoise", [True, False])
+def test_nfe_is_exact_and_callback_sees_every_step(method, opts, per_step, denoise):
+    """n steps cost n * calls-per-step network calls.  With denoise the grid ends at t = 0: samplers that land on the
+    data take that step themselves, for the others the last step is the one-call jump to x0_hat."""
     sde = sdes.VPSDE()
     target = targets.Gaussian([0.0, 1.0], 0.5)
     calls, seen = [0], []
@@ -202,9 +211,16 @@ def test_nfe_is_exact_and_callback_sees_every_step(method, opts, per_step):
         assert t.shape == (x.shape[0],)
         return target.score_fn(sde)(x, t)
 
-    res = solvers.sample(sde, counted, (8, 2), method, 25, callback=lambda info: seen.append(info["t"]), **opts)
-    assert res.nfe == calls[0] == 25 * per_step + 1          # + 1: the final Tweedie denoising
-    assert len(seen) == 25 and all(a > b for a, b in zip(seen, seen[1:])) and abs(seen[-1] - 1e-3) < 1e-12
+    res = solvers.sample(sde, counted, (8, 2), method, 25, callback=lambda info: seen.append(info["t"]),
+                         denoise=denoise, eps=1e-3, **opts)
+    info = solvers.get_sampler(method)
+    assert info.calls_per_step(opts) == per_step
+    lands = info.lands_on_data or not denoise
+    assert res.nfe == calls[0] == (25 * per_step if lands else 24 * per_step + 1)
+    assert len(seen) == 25 and all(a > b for a, b in zip(seen, seen[1:]))
+    assert seen[-1] == (0.0 if denoise else pytest.approx(1e-3, abs=1e-15))
+    if denoise:
+        assert abs(seen[-2] - 1e-3) < 1e-15 and float(res.timesteps[-1]) == 0.0
 
 
 def test_adaptive_nfe_counts_every_evaluation():
@@ -216,12 +232,16 @@ def test_adaptive_nfe_counts_every_evaluation():
         calls[0] += 1
         return target.score_fn(sde)(x, t)
 
-    res = solvers.sample(sde, counted, (4, 1), "ode", 1, solver="rk45", denoise=False)
+    res = solvers.sample(sde, counted, (4, 1), "rk45", 1, denoise=False)
     assert res.nfe == calls[0] > 6
+    st = res.stats
+    # Dormand–Prince: 2 calls to choose the first step, then 6 per attempted step
+    assert st["nfev"] == res.nfe == 2 + 6 * (st["accepted"] + st["rejected"]) and st["accepted"] >= 1
+    assert solvers.sample(sde, counted, (4, 1), "rk45", 1).nfe == res.nfe + 1      # + the jump to x0_hat
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("method", ["ancestral", "euler_maruyama", "pc", "ode", "ddim"])
+@pytest.mark.parametrize("method", ["ancestral", "euler_maruyama", "pc", "ode", "ddim", "rk45"])
 def test_any_shape_and_dtype(method, dtype):
     """Image-shaped (B, C, H, W) batches in both precisions: a 12-dim isotropic Gaussian N(0.5, 0.2 I)."""
     sde = sdes.VPSDE()
@@ -245,27 +265,81 @@ def test_reproducible_with_generator():
 
 def test_schedules_are_decreasing_and_pinned():
     for sde in (sdes.VPSDE(), sdes.VESDE(), sdes.SubVPSDE()):
-        for name in solvers.available_schedules():
+        for name in ("uniform", "quadratic", "edm", "logsnr"):
             ts = solvers.get_timesteps(sde, 20, eps=1e-3, schedule=name)
             assert ts.shape == (21,) and float(ts[0]) == sde.T and abs(float(ts[-1]) - 1e-3) < 1e-15
             assert (ts[1:] < ts[:-1]).all()
-    # edm: noise-to-signal ratios follow Karras et al.'s rho = 7 spacing
+    # edm: noise-to-signal ratios follow Karras et al.'s rho spacing (7 by default, passable)
     sde = sdes.VESDE()
-    ts = solvers.get_timesteps(sde, 10, eps=1e-5, schedule="edm")
-    a, s = sde.marginal_coeffs(ts)
-    r = (s / a) ** (1 / 7)
-    assert torch.allclose(r[1:] - r[:-1], (r[1:] - r[:-1]).mean().expand(10), rtol=1e-8)
+    for rho, opts in ((7, {}), (3, {"rho": 3})):
+        ts = solvers.get_timesteps(sde, 10, eps=1e-5, schedule="edm", **opts)
+        a, s = sde.marginal_coeffs(ts)
+        r = (s / a) ** (1 / rho)
+        assert torch.allclose(r[1:] - r[:-1], (r[1:] - r[:-1]).mean().expand(10), rtol=1e-8)
+    # logsnr: equal steps in lambda = log(a / sigma)
+    sde = sdes.VPSDE()
+    lam = sde.log_snr(solvers.get_timesteps(sde, 12, eps=1e-4, schedule="logsnr"))
+    assert torch.allclose(lam[1:] - lam[:-1], (lam[1:] - lam[:-1]).mean().expand(12), rtol=1e-9)
 
 
-def test_available_lists_the_four_methods():
-    assert set(solvers.available()) == {"ancestral", "ddim", "euler_maruyama", "pc", "ode"}
+def test_schedule_options_pass_through_sample():
+    sde = sdes.VPSDE()
+    score = targets.Gaussian([0.0], 1.0).score_fn(sde)
+    a = solvers.sample(sde, score, (3, 1), "ddim", 8, schedule="edm", rho=3.0)
+    b = solvers.get_timesteps(sde, 7, eps=sde.sampling_eps, schedule="edm", rho=3.0)
+    assert torch.equal(a.timesteps[:-1], b) and float(a.timesteps[-1]) == 0.0
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['rho'\].*schedule 'uniform' accepts \[\]|"
+                                         r"unknown option\(s\) \['rho'\]"):
+        solvers.sample(sde, score, (3, 1), "ddim", 8, rho=3.0)
+
+
+def test_sampler_files_are_discovered(tmp_path, monkeypatch):
+    """Registration is one file and one decorator: a new module in the solvers package appears in available()."""
+    import importlib
+    import shutil
+    pkg = tmp_path / "solvers"
+    shutil.copytree(os.path.dirname(solvers.__file__), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "my_sampler.py").write_text(
+        "from .base import register_sampler\n\n"
+        "@register_sampler('my_sampler')\n"
+        "def my_sampler(ctx, x, grid, gain: float = 1.0):\n"
+        "    \"\"\"Euler on the probability flow.\"\"\"\n"
+        "    for i in range(grid.num_steps):\n"
+        "        x = x + gain * float(grid.t[i + 1] - grid.t[i]) * ctx.predict(x, grid.t[i]).velocity\n"
+        "        x = ctx.step_done(i, grid.t[i + 1], x)\n"
+        "    return x\n")
+    saved = {k: v for k, v in sys.modules.items() if k == "solvers" or k.startswith("solvers.")}
+    for k in saved:
+        monkeypatch.delitem(sys.modules, k)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        fresh = importlib.import_module("solvers")
+        assert "my_sampler" in fresh.available() and set(saved["solvers"].available()) <= set(fresh.available())
+        assert fresh.get_sampler("my_sampler").options == ["gain"]
+        sde = sdes.VPSDE()
+        res = fresh.sample(sde, targets.Gaussian([0.0], 1.0).score_fn(sde), (4, 1), "my_sampler", 5, gain=1.0)
+        assert res.nfe == 5
+        with pytest.raises(ValueError, match="unknown option"):
+            fresh.sample(sde, targets.Gaussian([0.0], 1.0).score_fn(sde), (4, 1), "my_sampler", 5, gian=1.0)
+    finally:
+        for k in [k for k in sys.modules if k == "solvers" or k.startswith("solvers.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_available_lists_at_least_the_wave_one_methods():
+    assert {"ancestral", "ddim", "euler_maruyama", "pc", "ode", "rk45"} <= set(solvers.available())
+    for m in solvers.available():
+        info = solvers.get_sampler(m)
+        assert info.kind in ("fixed", "adaptive") and info.description
+        assert (info.calls_per_step() is None) == (info.kind == "adaptive")
 
 
 def test_bad_input_raises_clear_errors():
     sde = sdes.VPSDE()
     target = targets.Gaussian([0.0, 0.0], 1.0)
     score = target.score_fn(sde)
-    with pytest.raises(ValueError, match="available: ancestral, ddim, euler_maruyama, ode, pc"):
+    with pytest.raises(ValueError, match="unknown sampling method .heun.; available: ancestral, ddim, "):
         solvers.sample(sde, score, (4, 2), "heun", 10)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps"):

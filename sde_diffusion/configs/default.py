@@ -33,7 +33,7 @@ def get_default_config():
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"            # any of solvers.available()
     sampling.num_steps = 1000
-    sampling.eps = 1e-3
+    sampling.eps = 1e-5               # last positive time of the grid; with denoise the grid then lands on x0_hat
     sampling.schedule = "uniform"
     sampling.denoise = True
     sampling.num_samples = 64
@@ -45,8 +45,8 @@ def get_default_config():
     sampling.corrector = "langevin"
     sampling.snr = 0.16
     sampling.n_corrector_steps = 1
-    sampling.solver = "heun"          # ode
-    sampling.rtol = 1e-5
+    sampling.solver = "heun"          # ode: euler | heun | rk4 (adaptive RK45 is sampling.method = rk45)
+    sampling.rtol = 1e-5              # adaptive methods (rk45)
     sampling.atol = 1e-5
     sampling.variance = "posterior"   # ancestral
     sampling.eta = 0.0                # ddim

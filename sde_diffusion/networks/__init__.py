@@ -3,7 +3,9 @@
 * ``register_network(name)`` — class decorator; the class is built as ``cls(config)``.
 * ``get_network(config)`` — builds ``config.model.name`` (``mlp``, ``unet``) and records the output
   parameterisation on the module (``model.parameterization``).
-* ``get_score_fn(sde, model, train=False, y=None)`` — ``score_fn(x, t)`` for ``solvers.sample``.
+* ``get_model(sde, model, train=False, y=None)`` — the ``prediction.Model`` every sampler takes (declared output and
+  time convention: a network trained with a discrete loss is evaluated at its own noise levels).
+* ``get_score_fn(sde, model, train=False, y=None)`` — the plain ``score_fn(x, t)`` of the same model.
 
 Every network has ``forward(x, t, y=None)``: ``x: (B, *D)``, ``t: (B,)`` continuous time in [0, T], ``y`` optional
 int64 labels (B,) when ``model.num_classes > 0`` (index ``num_classes`` is the null label; ``y=None`` means null).
@@ -25,12 +27,14 @@ def get_network(config) -> nn.Module:
     model = _NETWORKS.get(name)(config)
     model.parameterization = check_parameterization(config.model.parameterization)
     model.num_classes = int(config.model.num_classes)
+    # DDPM's and SMLD's discrete losses train at the chain's N levels: the model is then sampled at those levels
+    model.time_convention = "discrete" if str(config.training.loss) in ("ddpm", "smld") else "continuous"
     return model
 
 
 from . import layers, mlp, unet  # noqa: E402,F401  (registers the networks)
-from .utils import (PARAMETERIZATIONS, check_parameterization, count_parameters, get_noise_fn,  # noqa: E402
-                    get_score_fn)
+from .utils import (PARAMETERIZATIONS, check_parameterization, count_parameters, get_model,  # noqa: E402
+                    get_noise_fn, get_score_fn)
 
-__all__ = ["register_network", "get_network", "available_networks", "get_score_fn", "get_noise_fn",
+__all__ = ["register_network", "get_network", "available_networks", "get_model", "get_score_fn", "get_noise_fn",
            "count_parameters", "PARAMETERIZATIONS", "check_parameterization"]

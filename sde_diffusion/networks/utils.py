@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..prediction import Model
 from ..sdes import expand_as_batch
 
 Tensor = torch.Tensor
@@ -69,29 +70,45 @@ def get_noise_fn(model: nn.Module, train: bool = False, y=None,
     return noise_fn
 
 
+def discrete_levels(sde):
+    """(a_table, sigma_table) of the N levels a discrete loss trains at: DDPM's (sqrt(abar_i), sqrt(1 - abar_i)) on
+    VP, SMLD's (1, sigma_i) on VE (``losses.ddpm_loss`` / ``losses.smld_loss``)."""
+    if hasattr(sde, "alphas_cumprod"):
+        abar = sde.alphas_cumprod.to(torch.float64)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+    if hasattr(sde, "discrete_sigmas"):
+        sig = sde.discrete_sigmas.to(torch.float64)
+        return torch.ones_like(sig), sig
+    raise ValueError(f"a discrete-time model needs a VP or VE SDE with a discrete chain, got {type(sde).__name__}")
+
+
+def get_model(sde, model: nn.Module, train: bool = False, y=None, parameterization: Optional[str] = None,
+              time_convention: Optional[str] = None) -> Model:
+    """The ``prediction.Model`` of a network under ``sde``: what ``solvers.sample`` takes.
+
+    The output is declared from ``model.parameterization`` (``noise`` -> eps, ``score`` -> eps = -out, ``direct`` ->
+    score); the time convention from ``model.time_convention`` (set by ``get_network``: ``discrete`` for networks
+    trained with DDPM's or SMLD's loss, which see t_i = i T / (N - 1) at level i).  ``train``: dropout on; ``y``:
+    labels of a class-conditional network (an int, an int64 tensor (B,), or None for the null label)."""
+    param = check_parameterization(parameterization or getattr(model, "parameterization", "noise"))
+    convention = time_convention or getattr(model, "time_convention", "continuous")
+    if convention not in ("continuous", "discrete"):
+        raise ValueError(f"unknown time convention {convention!r}; available: continuous, discrete")
+
+    def fn(x, t):
+        model.train(train)
+        out = model(x, t, _labels(y, x))
+        return -out if param == "score" else out
+
+    output = "score" if param == "direct" else "eps"
+    if convention == "continuous":
+        return Model(fn, output)
+    scale = sde.T / max(sde.N - 1, 1)
+    return Model(fn, output, discrete=discrete_levels(sde), model_time=lambda idx: idx * scale)
+
+
 def get_score_fn(sde, model: nn.Module, train: bool = False, y=None,
                  parameterization: Optional[str] = None) -> Callable[[Tensor, Tensor], Tensor]:
-    """``score_fn(x: (B, *D), t: (B,)) -> (B, *D)``, the network's estimate of grad_x log p_t(x) under ``sde``.
-
-    Args:
-        sde: the forward SDE the network was trained for (its marginal std sigma(t) scales the output).
-        model: a network ``model(x, t, y)``; its ``parameterization`` attribute (set by ``get_network``) says how to
-            read the output unless ``parameterization`` is given.
-        train: run the network in training mode (dropout on).
-        y: labels for a class-conditional network: an int (all samples), an int64 tensor (B,) matching the batch, or
-            None (the null label: the unconditional score).
-    """
-    param = check_parameterization(parameterization or getattr(model, "parameterization", "noise"))
-    noise_fn = get_noise_fn(model, train=train, y=y, parameterization=param)
-
-    def score_fn(x, t):
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if param == "direct":
-            model.train(train)
-            return model(x, t, _labels(y, x))
-        _, std = sde.marginal_coeffs(t)
-        std = expand_as_batch(torch.as_tensor(std, dtype=x.dtype, device=x.device), x)
-        return -noise_fn(x, t, std) / std
-    return score_fn
+    """``score_fn(x: (B, *D), t: (B,)) -> (B, *D)``, the network's estimate of grad_x log p_t(x) under ``sde``
+    (``get_model(...)``'s score: eps-type outputs are divided by the noise level the network was trained at)."""
+    return get_model(sde, model, train=train, y=y, parameterization=parameterization).score_fn(sde)

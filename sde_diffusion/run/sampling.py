@@ -30,7 +30,7 @@ so that runs with different settings do not overwrite each other.
 Inpainting and colourisation (``sde_diffusion.inpainting``) combine the replacement constraint (the known
 coordinates are re-imposed, forward-noised, after every step: Song et al. 2021, App. I) with the Tweedie conditional
 score (``covariance="isotropic"``: one vector-Jacobian product per score evaluation), and paste the known pixels into
-the final samples exactly.  They work with every fixed-step sampler (not with the adaptive ``ode`` solver rk45).
+the final samples exactly.  They work with every fixed-grid sampler that supports a constraint (not with adaptive ones such as ``rk45``).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from ..atomic import atomic_path
 from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset
 from ..guidance import cfg_score_batched, classifier_score
 from ..inpainting import Colorize, Inpaint
-from ..networks import get_score_fn
+from ..networks import get_model, get_score_fn
 from .checkpoints import atomic_write_text, load_model
 from .utils import get_device, plot_points, save_image_grid
 
@@ -157,7 +157,7 @@ def guided_score_fn(config, sde, model, y: Optional[Tensor], classifier=None):
     conditional model).  ``classifier = (classifier_sde, classifier_model)`` for ``guidance=classifier``."""
     g = _guidance(config)
     if y is None or g == "none":
-        return get_score_fn(sde, model, train=False, y=y)
+        return get_model(sde, model, train=False, y=y)
     w = float(config.sampling.guidance_scale)
     if g == "cfg":
         def label_score_fn(x, t, labels):
@@ -346,9 +346,9 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
 
     constraint, extra = None, {}
     if task != "generate":
-        if not solvers.get_sampler(s.method).fixed_steps(options):
+        if not solvers.get_sampler(s.method).supports_constraint:
             raise SamplingError(f"sampling.task={task} re-imposes the known pixels after every step: use a "
-                                f"fixed-step sampler (not {s.method} with {options})")
+                                f"fixed-step sampler that supports it (not {s.method})")
         condition = condition if condition is not None else load_condition(config)
         mask = make_mask(s.mask, shape) if task == "inpaint" else None
         if mask is not None and (mask.sum() == 0 or mask.min() == 1):
