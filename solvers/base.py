@@ -64,6 +64,7 @@ class SamplerInfo:
     stochastic_: Flag
     supports_constraint: bool
     lands_on_data: bool                    #: takes the final step to t = 0 itself (fixed kind)
+    final_step_nfe: Optional[PerStep] = None   #: calls of that final step, if not nfe_per_step (EDM's Heun: 1)
 
     @property
     def options(self) -> List[str]:
@@ -88,26 +89,41 @@ class SamplerInfo:
     def calls_per_step(self, opts: Optional[Dict[str, Any]] = None) -> Optional[int]:
         return None if self.nfe_per_step is None else int(_call(self.nfe_per_step, dict(opts or {})))
 
+    def nfe(self, num_steps: int, opts: Optional[Dict[str, Any]] = None, denoise: bool = True) -> Optional[int]:
+        """The exact number of network calls of ``num_steps`` steps (None for adaptive integrators)."""
+        per = self.calls_per_step(opts)
+        if per is None:
+            return None
+        if not denoise:
+            return num_steps * per
+        if not self.lands_on_data:                       # the driver's jump to x0_hat replaces the last step
+            return (num_steps - 1) * per + 1
+        last = per if self.final_step_nfe is None else int(_call(self.final_step_nfe, dict(opts or {})))
+        return (num_steps - 1) * per + last
+
 
 _SAMPLERS: Dict[str, SamplerInfo] = {}
 
 
-def _register(name, fn, kind, variants, nfe_per_step, stochastic, constraint, lands_on_data):
+def _register(name, fn, kind, variants, nfe_per_step, stochastic, constraint, lands_on_data, final_step_nfe=None):
     if name in _SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is already registered")
     doc = inspect.getdoc(fn) or ""
     _SAMPLERS[name] = SamplerInfo(name, fn, doc.split("\n")[0], kind, [dict(v) for v in (variants or [{}])],
-                                  nfe_per_step, stochastic, bool(constraint), bool(lands_on_data))
+                                  nfe_per_step, stochastic, bool(constraint), bool(lands_on_data), final_step_nfe)
     return fn
 
 
 def register_sampler(name: str, variants: Optional[Sequence[Dict[str, Any]]] = None, *, nfe_per_step: PerStep = 1,
-                     stochastic: Flag = False, constraint: bool = True, lands_on_data: bool = False):
+                     stochastic: Flag = False, constraint: bool = True, lands_on_data: bool = False,
+                     final_step_nfe: Optional[PerStep] = None):
     """Decorator registering a fixed-grid sampler ``fn(ctx, x, grid, **options) -> x`` as ``method=name``.
 
     ``lands_on_data``: the sampler's step formula reaches sigma = 0 (the grid's last node when ``denoise``); otherwise
-    the driver replaces its last step by the jump to x0_hat."""
-    return lambda fn: _register(name, fn, "fixed", variants, nfe_per_step, stochastic, constraint, lands_on_data)
+    the driver replaces its last step by the jump to x0_hat.  ``final_step_nfe``: the calls of that landing step when
+    they differ from ``nfe_per_step`` (EDM's Heun skips its correction there: 1)."""
+    return lambda fn: _register(name, fn, "fixed", variants, nfe_per_step, stochastic, constraint, lands_on_data,
+                                final_step_nfe)
 
 
 def register_adaptive(name: str, variants: Optional[Sequence[Dict[str, Any]]] = None, *, stochastic: Flag = False):
@@ -235,13 +251,13 @@ def _progress_callback(num_steps: int, method: str, user_callback):
 
 def _split_options(info: SamplerInfo, schedule: str, options: Dict[str, Any]):
     own = set(info.options)
-    sched = set(schedule_options(schedule))
+    sched = set(schedule_options(schedule)) - {"like"}
     unknown = sorted(set(options) - own - sched)
     if unknown:
         raise ValueError(f"method {info.name!r} got unknown option(s) {unknown}; it accepts {sorted(own)}"
                          + (f" and schedule {schedule!r} accepts {sorted(sched)}" if sched else ""))
-    return ({k: v for k, v in options.items() if k in own},
-            {k: v for k, v in options.items() if k in sched and k not in own})
+    # a name both take (e.g. ``order`` for DPM-Solver on the ``optimized`` grid) goes to both
+    return ({k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in sched})
 
 
 def sample(sde, model, shape, method: str, num_steps: int, generator: Optional[torch.Generator] = None, *,
@@ -290,10 +306,16 @@ def sample(sde, model, shape, method: str, num_steps: int, generator: Optional[t
                          f"use a fixed-grid sampler such as ancestral, ddim or pc")
     model = as_model(model)
 
+    if x_init is not None:
+        if tuple(x_init.shape) != shape:
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {shape}")
+        x = x_init.to(dtype=dtype, device=device)
+    else:
+        x = sde.prior_sample(shape, generator=generator, dtype=dtype, device=device)
     if info.kind == "fixed":
         steps_on_schedule = num_steps - 1 if denoise else num_steps
         if isinstance(schedule, str):
-            t = get_timesteps(sde, steps_on_schedule, eps=eps, schedule=schedule, model=model, **sched_opts)
+            t = get_timesteps(sde, steps_on_schedule, eps=eps, schedule=schedule, model=model, like=x, **sched_opts)
         else:
             t = _custom_grid(sde, schedule, num_steps, denoise)
         if denoise:
@@ -301,12 +323,6 @@ def sample(sde, model, shape, method: str, num_steps: int, generator: Optional[t
         grid = make_grid(sde, t)
     else:
         grid = make_grid(sde, torch.tensor([float(sde.T), eps], dtype=torch.float64))
-    if x_init is not None:
-        if tuple(x_init.shape) != shape:
-            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {shape}")
-        x = x_init.to(dtype=dtype, device=device)
-    else:
-        x = sde.prior_sample(shape, generator=generator, dtype=dtype, device=device)
     if progress and info.kind == "fixed":
         callback = _progress_callback(num_steps, method, callback)
     if constraint is not None:
