@@ -23,5 +23,8 @@ setup(
         "Pillow>=9.0",
         "scikit-learn>=1.2",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    # dev: the test suite, and the peers our samplers are checked against (diffusers' schedulers need no torch
+    # extra; torchdiffeq is what k-diffusion's sampling module imports — k-diffusion itself installs with --no-deps,
+    # see .ci/run, since its other dependencies pull torchvision and a newer torch)
+    extras_require={"dev": ["pytest>=7", "diffusers>=0.27", "torchdiffeq>=0.2"]},
 )

@@ -258,7 +258,6 @@ DIFFUSERS_CASES = [
 ]
 
 
-@pytest.mark.slow          # importing diffusers alone takes 10-15 s on a loaded 2-core machine (dynamo, scipy.stats)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("order,output,prediction,variant,schedule,denoise,corrector,lof", DIFFUSERS_CASES)
 def test_unipc_matches_diffusers(order, output, prediction, variant, schedule, denoise, corrector, lof):
