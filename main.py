@@ -84,29 +84,56 @@ def load_config(name_or_path, workdir, mode, overrides):
     return configs.apply_overrides(config, overrides)
 
 
+def _say(text: str) -> None:
+    """One line on stderr (the message's own line breaks folded)."""
+    sys.stderr.write(" ".join(str(text).split("\n")).rstrip() + "\n")
+    sys.stderr.flush()
+
+
 def main(argv):
     if len(argv) > 1:
-        sys.stderr.write(f"error: unexpected arguments {argv[1:]}\n")
+        _say(f"error: unexpected arguments {argv[1:]}")
         sys.exit(2)
+    from sde_diffusion.run import lifecycle
+    with lifecycle.handle_signals("abort", context=f"--mode {FLAGS.mode} in {FLAGS.workdir}"):
+        try:
+            code = _run()
+        except lifecycle.Interrupted as e:
+            _say(str(e))
+            code = e.exit_code
+    sys.exit(code)
+
+
+def _run() -> int:
+    """The mode's work; returns the exit code: 0 done, 1 a run-time failure, 2 a usage / config error (every failure is
+    one line on stderr, no traceback)."""
     from sde_diffusion import configs
+    from sde_diffusion.atomic import WriteError
     from sde_diffusion.data import DatasetError
+    from sde_diffusion.run import lifecycle
     from sde_diffusion.run.checkpoints import CheckpointError
     from sde_diffusion.run.classifier_train import ClassifierError
-    from sde_diffusion.run.sampling import SamplingError
     from sde_diffusion.run.evaluate import EvaluationError
+    from sde_diffusion.run.sampling import SamplingError
+    from sde_diffusion.run.train import NonFiniteLossError, WorkdirError, prepare_workdir
     try:
+        prepare_workdir(FLAGS.workdir, create=False)
         config = load_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, _OVERRIDES)
-    except configs.ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        if FLAGS.mode in ("train", "sample", "eval"):
+            configs.validate(config, FLAGS.mode)
+    except (configs.ConfigError, WorkdirError) as e:
+        _say(f"error: {e}")
+        return 2
     try:
         if FLAGS.mode == "train":
-            from sde_diffusion.run.train import NonFiniteLossError, train
-            try:
-                train(config, FLAGS.workdir, device=FLAGS.device)
-            except NonFiniteLossError as e:
-                sys.stderr.write(f"error: {e}\n")
-                sys.exit(1)
+            from sde_diffusion.run.train import train
+            out = train(config, FLAGS.workdir, device=FLAGS.device)
+            if out.get("nothing_to_do"):
+                print(f"nothing to do: {FLAGS.workdir} is already at step {out['step']} >= training.n_iters = "
+                      f"{int(config.training.n_iters)} (checkpoint {out['checkpoint']}); raise "
+                      f"--config.training.n_iters to train further")
+            else:
+                print(f"training done at step {out['step']}: checkpoint {out['checkpoint']}")
         elif FLAGS.mode == "train_classifier":
             from sde_diffusion.run.classifier_train import train_classifier
             out = train_classifier(config, FLAGS.workdir, device=FLAGS.device)
@@ -126,9 +153,38 @@ def main(argv):
             out = evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device)
             for summary in out["results"]:
                 print(f"{summary_line(summary)} -> {summary['path']}")
-    except (DatasetError, CheckpointError, ClassifierError, SamplingError, EvaluationError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(1)
+    except (configs.ConfigError, WorkdirError) as e:
+        _say(f"error: {e}")
+        return 2
+    except (DatasetError, CheckpointError, ClassifierError, SamplingError, EvaluationError, NonFiniteLossError,
+            lifecycle.WorkdirLockedError, WriteError) as e:
+        _say(f"error: {e}")
+        return 1
+    except FloatingPointError as e:        # solvers.NonFiniteError: the network's scores are not finite
+        _say(f"error: {e}; the model gives non-finite values (diverged or damaged weights): try an earlier "
+             f"checkpoint (--checkpoint STEP)")
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _say(f"error: {where}{e.strerror or e}")
+        return 1
+    return 0
+
+
+def cli(argv) -> int:
+    """Run the command line ``argv`` (``argv[0]`` is the program name) in this process; returns the exit code.
+    For tests and scripts: the same parsing, messages and exit codes as ``python main.py ...``."""
+    FLAGS.unparse_flags()
+    del _OVERRIDES[:]
+    try:
+        rest = _parse_flags(list(argv))
+        main(rest)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            _say(e.code)
+            return 2
+        return 0 if e.code is None else int(e.code)
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCHES = ("test_batch",)
 DIGITS_TRAIN_SIZE = 1617
 
-__all__ = ["DatasetError", "mix_seed", "load_digits_split", "load_cifar10", "download_cifar10", "ArrayDataset",
+__all__ = ["DatasetError", "mix_seed", "verify_md5", "restricted_loads", "load_digits_split", "load_cifar10", "download_cifar10", "ArrayDataset",
            "ToyDataset", "get_dataset", "get_data_scaler", "get_data_inverse_scaler", "get_toy_target",
            "TOY_DATASETS", "sample_toy", "CIFAR10_URL", "CIFAR10_MD5"]
 
@@ -117,9 +117,74 @@ def download_cifar10(root: str, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, 
     return dest
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles of ``bytes`` use it, limited to the latin-1 codec."""
+    if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not allowed in a CIFAR-10 batch")
+    return text.encode("latin-1")
+
+
+def _numpy_global(module: str, name: str):
+    import importlib
+    return getattr(importlib.import_module(module), name)
+
+
+#: the only globals a CIFAR-10 batch may reference: numpy's array / scalar reconstruction (under numpy 1's and 2's
+#: module names) and the latin-1 encoding of ``bytes`` in protocol-2 pickles; everything else is refused
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler for the official CIFAR-10 batches (dicts of bytes, lists, ints and numpy arrays): any other
+    global (a function or class a crafted file could call) raises ``UnpicklingError`` before anything runs."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in _ALLOWED_GLOBALS:
+            try:
+                return _numpy_global(module, name)
+            except (ImportError, AttributeError):
+                raise pickle.UnpicklingError(f"{module}.{name} is not available in this numpy") from None
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
+
+def restricted_loads(raw: bytes):
+    """``pickle.loads(raw, encoding="bytes")`` admitting only the numpy / builtin types of the official batches."""
+    import io
+    return _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+
+
+_VERIFIED = {}
+
+
+def verify_md5(path: str, expected: str) -> None:
+    """Raise ``DatasetError`` unless the file's md5 is ``expected`` (remembered per path, size and mtime)."""
+    try:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, expected)
+        if key in _VERIFIED:
+            return
+        got = _md5(path)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e.strerror or e}") from None
+    if got != expected:
+        raise DatasetError(f"{path} has md5 {got}, expected {expected}: it is not the official CIFAR-10 python "
+                           f"tarball (corrupt or truncated, or another file); delete it and download it again from "
+                           f"{CIFAR10_URL}")
+    _VERIFIED[key] = True
+
+
 def _decode_batch(raw: bytes, name: str, source: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
-        d = pickle.loads(raw, encoding="bytes")
+        d = restricted_loads(raw)
+        if not isinstance(d, dict):
+            raise TypeError(f"a batch is a dict, got {type(d).__name__}")
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -131,13 +196,16 @@ def _decode_batch(raw: bytes, name: str, source: str) -> Tuple[np.ndarray, np.nd
     return data, labels
 
 
-def load_cifar10(root: str, split: str = "train", download: bool = False) -> Tuple[Tensor, Tensor]:
+def load_cifar10(root: str, split: str = "train", download: bool = False,
+                 md5: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """CIFAR-10 from the official ``cifar-10-python.tar.gz`` (read in place) or its extracted folder.
 
     Returns images uint8 (N, 3, 32, 32) and labels int64 (N,).  ``train`` = data_batch_1..5 (50 000), ``test`` =
     test_batch (10 000).  Missing data -> ``DatasetError`` saying where to put the file; with ``download=True`` the
-    tarball is fetched from the official address and its md5 checked.  A truncated or corrupt tarball ->
-    ``DatasetError``.
+    tarball is fetched from the official address.  Every tarball, local or downloaded, must have the md5 ``md5``
+    (default ``CIFAR10_MD5``, the official file's) before it is opened: a different file -> ``DatasetError``.  The
+    batches are unpickled by ``restricted_loads``, which admits only the numpy / builtin types of the official files
+    (a crafted pickle cannot run code); a truncated or corrupt tarball or batch -> ``DatasetError``.
     """
     if split not in ("train", "test"):
         raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
@@ -156,7 +224,8 @@ def load_cifar10(root: str, split: str = "train", download: bool = False) -> Tup
         if not os.path.isfile(tar_path):
             if not download:
                 raise DatasetError(_missing_message(root))
-            download_cifar10(root)
+            download_cifar10(root, md5=md5 or CIFAR10_MD5)
+        verify_md5(tar_path, md5 or CIFAR10_MD5)
         wanted = {f"cifar-10-batches-py/{n}": n for n in names}
         found = {}
         try:

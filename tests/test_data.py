@@ -134,8 +134,15 @@ def make_cifar_tarball(root, n=4, drop=None):
     return path, content
 
 
-def test_cifar10_from_tiny_tarball(tmp_path):
+def md5_of(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def test_cifar10_from_tiny_tarball(tmp_path, monkeypatch):
     path, content = make_cifar_tarball(str(tmp_path))
+    with pytest.raises(data.DatasetError, match=f"md5 {md5_of(path)}, expected {data.CIFAR10_MD5}"):
+        data.load_cifar10(str(tmp_path), "train")               # a local archive is checked against the official md5
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5_of(path))      # ... so the tiny stand-in must declare its own
     x, y = data.load_cifar10(str(tmp_path), "train")
     assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (20,)
     want = np.concatenate([content[n][b"data"] for n in data.CIFAR10_TRAIN_BATCHES]).reshape(-1, 3, 32, 32)
@@ -177,14 +184,59 @@ def test_cifar10_truncated_and_corrupt_tarballs(tmp_path):
     with open(path, "wb") as f:
         f.write(raw[: len(raw) // 2])                                     # truncated download
     with pytest.raises(data.DatasetError, match="corrupt or truncated"):
-        data.load_cifar10(str(tmp_path / "a"), "train")
-    os.makedirs(tmp_path / "b")
-    (tmp_path / "b" / "cifar-10-python.tar.gz").write_bytes(b"this is not a tarball" * 100)
+        data.load_cifar10(str(tmp_path / "a"), "train")                   # caught by the md5 ...
     with pytest.raises(data.DatasetError, match="corrupt or truncated"):
-        data.load_cifar10(str(tmp_path / "b"), "test")
-    make_cifar_tarball(str(tmp_path / "c"), drop="data_batch_3")
+        data.load_cifar10(str(tmp_path / "a"), "train", md5=md5_of(path))  # ... and by the reader
+    os.makedirs(tmp_path / "b")
+    bad = tmp_path / "b" / "cifar-10-python.tar.gz"
+    bad.write_bytes(b"this is not a tarball" * 100)
+    with pytest.raises(data.DatasetError, match="corrupt or truncated"):
+        data.load_cifar10(str(tmp_path / "b"), "test", md5=md5_of(bad))
+    path, _ = make_cifar_tarball(str(tmp_path / "c"), drop="data_batch_3")
     with pytest.raises(data.DatasetError, match="data_batch_3"):
-        data.load_cifar10(str(tmp_path / "c"), "train")
+        data.load_cifar10(str(tmp_path / "c"), "train", md5=md5_of(path))
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a crafted archive would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_batches_cannot_run_code(tmp_path):
+    """A batch whose pickle calls os.system (a marker file would appear) is refused before the call, from a folder and
+    from a tarball with a matching md5; the official batches' numpy arrays and numpy scalars still load."""
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "f" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    d = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2], b"x": _Payload(str(marker))}
+    (folder / "test_batch").write_bytes(pickle.dumps(d, protocol=2))
+    with pytest.raises(data.DatasetError, match=r"global (posix|os)\.system is not allowed"):
+        data.load_cifar10(str(tmp_path / "f"), "test")
+    raw = pickle.dumps(d, protocol=2)
+    root = tmp_path / "t"
+    root.mkdir()
+    tar_path = root / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for name in ["test_batch"]:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    with pytest.raises(data.DatasetError, match="md5"):
+        data.load_cifar10(str(root), "test")                  # the official md5 refuses it first
+    with pytest.raises(data.DatasetError, match="is not allowed"):
+        data.load_cifar10(str(root), "test", md5=md5_of(tar_path))
+    assert not marker.exists()
+    for protocol in (2, 4, 5):                                # numpy 2 arrays and scalars under every protocol
+        ok = {b"data": np.arange(3072 * 2, dtype=np.int64).astype(np.uint8).reshape(2, 3072),
+              b"labels": [np.int64(3), 4], b"batch_label": b"b", b"filenames": [b"a", b"b"]}
+        back = data.restricted_loads(pickle.dumps(ok, protocol=protocol))
+        np.testing.assert_array_equal(back[b"data"], ok[b"data"])
+        assert back[b"labels"] == [3, 4]
 
 
 def test_cifar10_corrupt_pickle(tmp_path):
@@ -203,7 +255,7 @@ def test_cifar10_download_checks_md5(tmp_path):
     assert os.listdir(tmp_path / "bad") == []                             # nothing half-written is left
     path = data.download_cifar10(str(tmp_path / "good"), url=url, md5=md5)
     assert open(path, "rb").read() == open(src, "rb").read()
-    x, _ = data.load_cifar10(str(tmp_path / "good"), "test")
+    x, _ = data.load_cifar10(str(tmp_path / "good"), "test", md5=md5)
     assert x.shape == (4, 3, 32, 32)
     with pytest.raises(data.DatasetError, match="could not download"):
         data.download_cifar10(str(tmp_path / "missing"), url="file://" + str(tmp_path / "no.tar.gz"))

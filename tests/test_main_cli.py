@@ -148,7 +148,7 @@ def test_checkpoints_are_plain_atomic_and_pruned(tmp_path):
     assert [s for s, _ in ckpt_lib.list_checkpoints(wd)] == [20, 30]           # keep_checkpoints = 2
     assert not glob.glob(os.path.join(wd, "checkpoints", ".tmp-*"))
     state = torch.load(out["checkpoint"], weights_only=True)                     # plain tensors / numbers / str
-    assert state["step"] == 30 and state["format"] == 1
+    assert state["step"] == 30 and state["format"] == 2 and len(state["sha256"]) == 64
     assert {"model", "ema", "optimizer", "rng", "config"} <= set(state)
     assert {"torch", "numpy", "python"} <= set(state["rng"])
     assert json.loads(state["config"])["training"]["n_iters"] == 30

@@ -24,7 +24,7 @@ CONFIG_NAMES = ("vp_cifar", "subvp_cifar", "ve_cifar", "vp_digits", "toy_2d", "t
                 "vp_cifar_cond", "digits_classifier", "cifar_classifier")
 
 __all__ = ["get_config", "available_configs", "apply_overrides", "parse_override", "build_sde", "ConfigError",
-           "config_from_json", "CONFIG_NAMES"]
+           "config_from_json", "CONFIG_NAMES", "validate"]
 
 
 class ConfigError(ValueError):
@@ -48,15 +48,24 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     def to_cd(d):
         return ml_collections.ConfigDict({k: to_cd(v) if isinstance(v, dict) else v for k, v in d.items()})
 
-    def fill(cfg, base):
+    def fill(cfg, base, prefix=""):
         for k, v in base.items():
             if k not in cfg:
                 cfg[k] = v
-            elif isinstance(v, ml_collections.ConfigDict) and isinstance(cfg[k], ml_collections.ConfigDict):
-                fill(cfg[k], v)
+            elif isinstance(v, ml_collections.ConfigDict):
+                if not isinstance(cfg[k], ml_collections.ConfigDict):
+                    raise ConfigError(f"config key {prefix + k!r} must be a section (a JSON object), got "
+                                      f"{cfg[k]!r}")
+                fill(cfg[k], v, prefix + k + ".")
 
     from .default import get_default_config
-    config = to_cd(json.loads(text))
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"the config is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config JSON must be an object of sections, got {type(raw).__name__}")
+    config = to_cd(raw)
     fill(config, get_default_config())
     return _lock(config)
 
@@ -71,14 +80,33 @@ def get_config(name_or_path: str) -> ml_collections.ConfigDict:
     looks_like_path = os.sep in name_or_path or name_or_path.endswith((".py", ".json"))
     if os.path.isfile(name_or_path):
         if name_or_path.endswith(".json"):
-            with open(name_or_path, encoding="utf-8") as f:
-                return config_from_json(f.read())
+            try:
+                with open(name_or_path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read config file {name_or_path!r}: {e}") from None
+            try:
+                return config_from_json(text)
+            except ConfigError as e:
+                raise ConfigError(f"config file {name_or_path!r}: {e}") from None
         spec = importlib.util.spec_from_file_location("_sde_diffusion_user_config", name_or_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"config file {name_or_path!r} is neither a .py file with get_config() nor a .json file")
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ConfigError(f"config file {name_or_path!r} has a syntax error at line {e.lineno}: {e.msg}") from None
+        except Exception as e:   # noqa: BLE001 — whatever the user's file raises, report it in one line
+            raise ConfigError(f"config file {name_or_path!r} raised {type(e).__name__} while loading: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config file {name_or_path!r} defines no get_config()")
-        config = module.get_config()
+        try:
+            config = module.get_config()
+        except Exception as e:   # noqa: BLE001
+            raise ConfigError(f"get_config() in {name_or_path!r} raised {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         if not isinstance(config, ml_collections.ConfigDict):
             raise ConfigError(f"get_config() in {name_or_path!r} returned {type(config).__name__}, not a ConfigDict")
         return _lock(config)
@@ -219,6 +247,12 @@ def apply_overrides(config: ml_collections.ConfigDict,
             except TypeError as e:
                 raise ConfigError(f"config key {key!r}: {e}") from None
     return config
+
+
+def validate(config, mode: str = "train") -> None:
+    """Check the values ``mode`` uses (see ``configs.validation``); raises ``ConfigError`` naming key and range."""
+    from .validation import validate as _validate
+    _validate(config, mode)
 
 
 # ------------------------------------------------------------------------------------------------- SDE

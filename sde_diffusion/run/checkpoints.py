@@ -1,8 +1,21 @@
-"""Checkpoints: plain state dicts written atomically, the last k kept, loadable with ``torch.load(weights_only=True)``.
+"""Checkpoints: plain state dicts written atomically, the last k kept, loadable with ``torch.load(weights_only=True)``,
+each carrying a SHA-256 digest of its contents that every load verifies.
 
 Layout: ``<workdir>/checkpoints/ckpt_<step:08d>.pt`` holding
-``{"format": 1, "step", "model", "ema": {"decay", "num_updates", "model"}, "optimizer", "rng", "config" (JSON)}``;
-``<workdir>/config.json`` is the config of the run.
+``{"format": 2, "step", "model", "ema": {"decay", "num_updates", "model"}, "optimizer", "rng", "config" (JSON),
+"sha256"}``; ``<workdir>/config.json`` is the config of the run.
+
+Integrity.  ``sha256`` is the digest of a canonical serialisation of everything else in the file (``state_digest``:
+every tensor's dtype, shape and raw bytes, every number, string and key, in sorted key order), computed from the
+in-memory state before it is serialised; ``load_checkpoint`` recomputes it from what it read and raises
+``CorruptCheckpointError`` naming the file when they differ (a flipped byte inside a tensor, a damaged config, ...).
+Files that cannot be unpickled at all (truncated, zeroed) raise the same error.  Checkpoints written before digests
+existed (``format`` 1) load with a warning.  ``save_checkpoint`` refuses a state with non-finite floating-point
+tensors (``NonFiniteStateError``): a checkpoint on disk always holds finite weights.  The bytes are serialised in
+memory and written with one ``write`` + ``fsync`` into a temporary file that is renamed onto the target, so a kill
+never leaves a half-written checkpoint and a full disk raises ``atomic.WriteError`` (path + cause) with the previous
+checkpoints untouched.  A file already present at the target path (only possible when training resumed from an
+earlier checkpoint because that one was corrupt) is renamed to ``<name>.corrupt`` first, never deleted.
 
 ``load_model(workdir, ...) -> (config, sde, ema_model)`` and ``load_score_fn(workdir, ...) -> (config, sde,
 score_fn)`` give the EMA weights for sampling and evaluation.
@@ -10,25 +23,103 @@ score_fn)`` give the EMA weights for sampling and evaluation.
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
+import math
 import os
 import re
 from typing import List, Optional, Tuple, Union
 
 import torch
+from absl import logging
 
 from .. import configs as configs_lib
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..networks import get_network, get_score_fn
 
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DIGEST_KEY = "sha256"
 
 __all__ = ["checkpoint_dir", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint", "save_checkpoint",
-           "load_checkpoint", "load_model", "load_score_fn", "CheckpointError", "atomic_write_text"]
+           "load_checkpoint", "load_model", "load_score_fn", "CheckpointError", "CorruptCheckpointError",
+           "NonFiniteStateError", "atomic_write_text", "state_digest", "non_finite_entries", "newest_good_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read or whose contents do not match its recorded digest."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"checkpoint {path} is corrupt: {reason}")
+        self.path, self.reason = path, reason
+
+
+class NonFiniteStateError(CheckpointError):
+    """A state with NaN / inf tensors, which is never written as a checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+def _feed(h, obj) -> None:
+    """Canonical, type-tagged, length-prefixed serialisation of a checkpoint state into the hash ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"d{len(obj)}:".encode())
+        for k in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'l' if isinstance(obj, list) else 't'}{len(obj)}:".encode())
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, str):
+        b = obj.encode("utf-8")
+        h.update(f"s{len(b)}:".encode())
+        h.update(b)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(f"b{len(obj)}:".encode())
+        h.update(bytes(obj))
+    elif isinstance(obj, bool) or obj is None:
+        h.update(f"c{obj!r};".encode())
+    elif isinstance(obj, int):
+        h.update(f"i{obj};".encode())
+    elif isinstance(obj, float):
+        h.update(f"f{obj.hex() if math.isfinite(obj) else repr(obj)};".encode())
+    else:
+        r = repr(obj).encode("utf-8")
+        h.update(f"r{type(obj).__name__}{len(r)}:".encode())
+        h.update(r)
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 (hex) of everything in ``state`` except its ``sha256`` entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
+def non_finite_entries(obj, prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors (and float numbers) in ``obj`` that hold NaN or inf."""
+    bad = []
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            bad.append(prefix or "<tensor>")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            bad.extend(non_finite_entries(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad.extend(non_finite_entries(v, f"{prefix}[{i}]"))
+    return bad
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -70,41 +161,81 @@ def resolve_checkpoint(workdir: str, checkpoint: Union[None, int, str] = None) -
     return checkpoint
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+def serialize_checkpoint(state: dict, step: int) -> bytes:
+    """The bytes of ``ckpt_<step>.pt`` for ``state``: format, step and digest added, non-finite states refused."""
+    bad = non_finite_entries({k: state[k] for k in ("model", "ema", "optimizer") if k in state})
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteStateError(f"the state at step {int(step)} holds non-finite values ({shown}): no checkpoint "
+                                  f"is written from it")
+    full = dict(state, format=FORMAT_VERSION, step=int(step))
+    full[DIGEST_KEY] = state_digest(full)
+    buf = io.BytesIO()
+    torch.save(full, buf)
+    return buf.getvalue()
 
 
 def save_checkpoint(workdir: str, state: dict, step: int, keep: int = 3) -> str:
-    """Write ``state`` as ``ckpt_<step>.pt`` (temporary file in the same folder + ``os.replace``), then delete all but
-    the newest ``keep`` checkpoints (``keep <= 0`` keeps all).  Returns the path."""
+    """Write ``state`` as ``ckpt_<step>.pt`` (see the module docstring), then delete all but the newest ``keep``
+    checkpoints up to this step (``keep <= 0`` keeps all; later ones, left by a run resumed from an earlier
+    checkpoint, are neither counted nor deleted).  Returns the path.  Raises ``NonFiniteStateError`` for a
+    non-finite state and ``atomic.WriteError`` when the file cannot be written (the previous files stay)."""
     directory = checkpoint_dir(workdir)
-    os.makedirs(directory, exist_ok=True)
-    for stale in glob.glob(os.path.join(directory, ".tmp-*")):   # left by a process killed mid-write
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
+    payload = serialize_checkpoint(state, step)
     path = os.path.join(directory, f"ckpt_{int(step):08d}.pt")
-    _atomic_torch_save(dict(state, format=FORMAT_VERSION, step=int(step)), path)
+    if os.path.exists(path):
+        aside, k = path + ".corrupt", 1
+        while os.path.exists(aside):
+            aside, k = f"{path}.corrupt{k}", k + 1
+        os.replace(path, aside)
+        logging.warning("%s existed (the run resumed from an earlier checkpoint); kept as %s", path, aside)
+    atomic_write_bytes(payload, path, durable=True)
     if keep > 0:
-        for _, old in list_checkpoints(workdir)[:-keep]:
+        for _, old in [c for c in list_checkpoints(workdir) if c[0] <= int(step)][:-keep]:
             os.remove(old)
     return path
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)`` with a clear error for unreadable files."""
+_warned_unverified = set()
+
+
+def load_checkpoint(path: str, map_location="cpu", verify: bool = True) -> dict:
+    """``torch.load(path, weights_only=True)``, its digest verified; ``CorruptCheckpointError`` (one line naming the
+    file) for unreadable or altered files."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
     except Exception as e:   # noqa: BLE001 — any failure to read means the file is unusable
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise CorruptCheckpointError(path, f"it cannot be read ({reason})") from None
     if not isinstance(state, dict) or "model" not in state or "ema" not in state:
         raise CheckpointError(f"{path} is not a sde_diffusion checkpoint")
+    if verify:
+        recorded = state.get(DIGEST_KEY)
+        if recorded is None:
+            if int(state.get("format", 1)) >= 2:
+                raise CorruptCheckpointError(path, "its SHA-256 digest is missing")
+            if path not in _warned_unverified:
+                _warned_unverified.add(path)
+                logging.warning("%s was written before checkpoints carried digests: its contents are not verified",
+                                path)
+        elif state_digest(state) != recorded:
+            raise CorruptCheckpointError(path, "its contents do not match the SHA-256 digest recorded when it was "
+                                               "written (damaged on disk or in transfer)")
     return state
+
+
+def newest_good_checkpoint(workdir: str, map_location="cpu"):
+    """``(path, state, skipped)`` for the newest checkpoint that loads and verifies, newest first; ``skipped`` lists
+    the ``CorruptCheckpointError`` of every newer one.  ``(None, None, skipped)`` when none is good."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(workdir)):
+        try:
+            return path, load_checkpoint(path, map_location=map_location), skipped
+        except CorruptCheckpointError as e:
+            skipped.append(e)
+    return None, None, skipped
 
 
 def _config_for(workdir: str, state: dict, config):
@@ -134,6 +265,11 @@ def load_model(workdir: str, config=None, checkpoint: Union[None, int, str] = No
     except RuntimeError as e:
         raise CheckpointError(f"the EMA weights in {path} do not fit the network of this config ({e}); sample with "
                               f"the config the run was trained with (<workdir>/config.json)") from e
+    bad = non_finite_entries(state["ema"]["model"])
+    if bad:
+        raise CheckpointError(f"the EMA weights in {path} hold non-finite values ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): the model is unusable; pick an earlier checkpoint "
+                              f"(--checkpoint STEP)")
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -49,8 +49,14 @@ result does not depend on which run computed it: an interrupted evaluation resum
 never redoes or double-counts a recorded one, and ends with the numbers an uninterrupted run gives.  A stage whose
 settings changed since it was recorded is recomputed (with a warning); a checkpoint whose enabled stages are all done
 is skipped, and its recorded summary is returned.  TensorBoard scalars are written once per stage and checkpoint (after
-a flush the stage is marked; only a kill in between could repeat them).  Two evaluations of one workdir at the same
-time are not supported.
+a flush the stage is marked; only a kill in between could repeat them).
+
+Reliability.  One evaluation per workdir at a time (the OS lock ``<workdir>/.lock-eval``; a second one is refused with
+the holder's PID; a training may run alongside, it takes its own lock).  Temporary files under ``eval/`` left by a
+killed evaluation are removed at start-up.  SIGTERM / SIGINT finish the current work unit, record it and raise
+``lifecycle.Stopped`` (exit 143 / 130 from ``main.py``); a second signal aborts at once.  Checkpoints are verified
+against their SHA-256 digest when loaded: a corrupt one stops the evaluation with its name; so does a model whose
+weights, test loss or bits/dim are not finite.
 """
 from __future__ import annotations
 
@@ -66,7 +72,8 @@ import numpy as np
 import torch
 from absl import logging
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, remove_stale_temp_files
+from .. import configs as configs_lib
 from .. import likelihood as likelihood_lib
 from ..data import get_data_scaler, get_dataset, mix_seed
 from ..likelihood import nll
@@ -74,6 +81,7 @@ from ..losses import get_loss_fn
 from ..networks import get_score_fn
 from .checkpoints import (CKPT_RE, CheckpointError, atomic_write_text, checkpoint_dir, list_checkpoints,
                           load_checkpoint, load_model, resolve_checkpoint)
+from . import lifecycle
 from .sampling import generate, load_guidance_classifier, sampling_labels, save_samples
 from .utils import get_device, image_grid
 
@@ -361,6 +369,7 @@ class _Context:
         self._digits = None
         self._inception = None
         self._reference = None
+        self.current_path = None
 
     def digits(self):
         if self._digits is None:
@@ -413,6 +422,9 @@ def load_fid_inception(path, device):
 def _stage_loss(ctx, model_fn, rec, state) -> dict:
     config, sde, model = model_fn()
     res = test_loss(config, sde, model, ctx.device)
+    if not math.isfinite(res["test_loss"]):
+        raise EvaluationError(f"the test loss of {ctx.current_path} is {res['test_loss']}: the model gives "
+                              f"non-finite values (diverged or damaged weights)")
     logging.info("step %d: test loss %.6f over %d examples", state.data["step"], res["test_loss"],
                  res["num_examples"])
     return res
@@ -459,12 +471,16 @@ def _stage_bpd(ctx, model_fn, rec, state) -> dict:
                 res = nll(sde, get_score_fn(sde, model, train=False, y=yb), xb, generator=gen, **kwargs)
                 bpd = res.bpd.detach().double().cpu()
                 if not torch.isfinite(bpd).all():
-                    raise FloatingPointError(f"non-finite bits/dim in batch {i} of step {step}")
+                    raise EvaluationError(f"non-finite bits/dim in batch {i} of step {step}: the model in "
+                                          f"{ctx.current_path} gives non-finite values (diverged or damaged weights)")
                 units[f"{r}:{i}"] = {"n": int(bpd.numel()), "sum_bpd": float(bpd.sum()),
                                      "sumsq_bpd": float((bpd ** 2).sum()),
                                      "sum_nll": float(res.nll.detach().double().sum()), "nfe": int(res.nfe),
                                      "seconds": time.perf_counter() - t0}
                 state.save()
+                lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: {len(units)} of "
+                                     f"{R * nb} bits/dim batches recorded in {state.path}; run the same command to "
+                                     f"resume")
                 bar.update(1)
                 done = units.values()
                 bar.set_postfix(bpd=f"{sum(u['sum_bpd'] for u in done) / sum(u['n'] for u in done):.4f}")
@@ -538,6 +554,8 @@ def _stage_samples(ctx, model_fn, rec, state) -> dict:
                 _atomic_savez(_sample_batch_path(ctx.workdir, step, i), **arrays)
                 batches[str(i)] = {"n": b, "nfe": int(res["nfe"]), "seconds": time.perf_counter() - t0}
                 state.save()
+                lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: {len(batches)} of {nb} "
+                                     f"sample batches recorded in {state.path}; run the same command to resume")
                 bar.update(1)
         finally:
             bar.close()
@@ -643,6 +661,7 @@ def _evaluate_checkpoint(ctx, writer, plan, step: int, path: str) -> dict:
         logging.info("step %d: already evaluated with these settings -> %s", step, spath)
         return summary
     loaded = {}
+    ctx.current_path = path
 
     def model_fn():
         if "model" not in loaded:
@@ -659,6 +678,8 @@ def _evaluate_checkpoint(ctx, writer, plan, step: int, path: str) -> dict:
             rec["done"] = True
             rec["tensorboard"] = False
             state.save()
+            lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: stage {name} recorded in "
+                                 f"{state.path}; run the same command to resume")
             if name == "samples":
                 shutil.rmtree(os.path.join(step_dir(ctx.workdir, step), "sample_batches"), ignore_errors=True)
         if not rec["tensorboard"]:
@@ -696,10 +717,26 @@ def evaluate(config, workdir: str, checkpoint=None, device=None) -> dict:
     Inception weights, before any work is done.
     """
     config = _with_eval_defaults(config)
+    configs_lib.validate(config, "eval")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise EvaluationError(f"workdir {workdir} exists and is not a folder")
     device = get_device(device or config.device)
     ckpts, every = _checkpoints(workdir, config, checkpoint)
     dataset = get_dataset(config, "test")
     plan = _plan(config, dataset)
+    for step, path in ckpts:        # a corrupt checkpoint stops the evaluation before any work (or file), named
+        done = _State(workdir, step).complete(plan) and os.path.isfile(summary_path(workdir, step))
+        if not done and os.path.isfile(path):
+            load_checkpoint(path, map_location="cpu")
+    with lifecycle.WorkdirLock(workdir, "eval"), \
+            lifecycle.handle_signals("graceful", context=f"evaluating {workdir}"):
+        removed = remove_stale_temp_files([eval_dir(workdir)], recursive=True)
+        if removed:
+            logging.info("removed %d temporary file(s) left by an earlier, killed evaluation", len(removed))
+        return _evaluate(config, workdir, device, dataset, plan, ckpts, every)
+
+
+def _evaluate(config, workdir, device, dataset, plan, ckpts, every) -> dict:
     ctx = _Context(config, workdir, device, dataset)
     pending = [(s, p) for s, p in ckpts
                if not (_State(workdir, s).complete(plan) and os.path.isfile(summary_path(workdir, s)))]
