@@ -159,6 +159,14 @@ def run_one(sde, score_fn, shape, cfg: SamplerConfig, steps: int, schedule: str,
     return x, res.nfe, wall, "ok"
 
 
+def _tol_rungs(cfg: SamplerConfig, tol_ladder):
+    """An adaptive sampler's rungs: the tolerance ladder over the options it declares as tolerances, or its variant
+    alone when it declares none."""
+    if not solvers.get_sampler(cfg.method).tolerances:
+        return [(1, None, None)]
+    return [(1, None, tol) for tol in tol_ladder]
+
+
 # ================================================================================================ the study
 COLUMNS = ["target", "schedule", "sampler", "steps", "NFE target", "NFE used", "error", "extra 1", "extra 2",
            "wall s", "status"]
@@ -182,10 +190,9 @@ def study(target: Target, sde, configs: List[SamplerConfig], schedules, ladder, 
     records = []
     jobs = [(s, c) for s in schedules for c in configs if c.fixed or s == schedules[0]]
     for schedule, cfg in progress(jobs, f"{target.name}", show):
-        rungs = [(cfg.steps_for(N), N, None) for N in ladder] if cfg.fixed else \
-            [(1, None, tol) for tol in tol_ladder]
+        rungs = [(cfg.steps_for(N), N, None) for N in ladder] if cfg.fixed else _tol_rungs(cfg, tol_ladder)
         for steps, N, tol in rungs:
-            extra = {"rtol": tol, "atol": tol} if tol is not None else None
+            extra = {k: tol for k in solvers.get_sampler(cfg.method).tolerances} if tol is not None else None
             # one seed for every run: the same prior draw x_T everywhere, so that rungs and samplers are compared
             # on common random numbers (deterministic samplers then converge to the same exact flow of x_T)
             x, nfe, wall, status = run_one(sde, score_fn, shape, cfg, steps, schedule, target.eps,
@@ -337,9 +344,9 @@ def study_checkpoint(report: Report, check: Checks, workdir: str, configs, sched
     records = []
     jobs = [(s, c) for s in schedules for c in configs if c.fixed or s == schedules[0]]
     for schedule, cfg in progress(jobs, "checkpoint", show):
-        rungs = [(cfg.steps_for(N), N, None) for N in ladder] if cfg.fixed else [(1, None, t) for t in tol_ladder]
+        rungs = [(cfg.steps_for(N), N, None) for N in ladder] if cfg.fixed else _tol_rungs(cfg, tol_ladder)
         for steps, N, tol in rungs:
-            extra = {"rtol": tol, "atol": tol} if tol is not None else None
+            extra = {k: tol for k in solvers.get_sampler(cfg.method).tolerances} if tol is not None else None
             x, nfe, wall, status = run_one(sde, score_fn, shape, cfg, steps, schedule, eps, seed * 7 + 3,
                                            extra_options=extra)
             err = score(x) if x is not None else math.inf
@@ -452,7 +459,7 @@ def _checks(check: Checks, target: Target, records, floor, ladder, schedules):
                                         f"3x floor {fmt(floor)} + {tol}")
         check(e_top < e_low or e_low <= 3 * floor + tol,
               f"{target.name} / {name} ({grid}): error falls from NFE {low} to {top} ({fmt(e_low)} -> {fmt(e_top)})")
-    adaptive = [r for r in records if not r["fixed"]]
+    adaptive = [r for r in records if not r["fixed"] and r["tol"] is not None]
     for name in dict.fromkeys(r["sampler"] for r in adaptive):
         rs = sorted([r for r in adaptive if r["sampler"] == name], key=lambda r: -r["tol"])
         nfes = [r["nfe"] for r in rs]

@@ -65,6 +65,7 @@ class SamplerInfo:
     supports_constraint: bool
     lands_on_data: bool                    #: takes the final step to t = 0 itself (fixed kind)
     final_step_nfe: Optional[PerStep] = None   #: calls of that final step, if not nfe_per_step (EDM's Heun: 1)
+    tolerances: Sequence[str] = ()         #: adaptive: the options a tolerance sweep sets (e.g. rtol, atol)
 
     @property
     def options(self) -> List[str]:
@@ -105,12 +106,20 @@ class SamplerInfo:
 _SAMPLERS: Dict[str, SamplerInfo] = {}
 
 
-def _register(name, fn, kind, variants, nfe_per_step, stochastic, constraint, lands_on_data, final_step_nfe=None):
+def _register(name, fn, kind, variants, nfe_per_step, stochastic, constraint, lands_on_data, final_step_nfe=None,
+              tolerances=()):
     if name in _SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is already registered")
     doc = inspect.getdoc(fn) or ""
-    _SAMPLERS[name] = SamplerInfo(name, fn, doc.split("\n")[0], kind, [dict(v) for v in (variants or [{}])],
-                                  nfe_per_step, stochastic, bool(constraint), bool(lands_on_data), final_step_nfe)
+    info = SamplerInfo(name, fn, doc.split("\n")[0], kind, [dict(v) for v in (variants or [{}])], nfe_per_step,
+                       stochastic, bool(constraint), bool(lands_on_data), final_step_nfe, ())
+    if tolerances is None:      # default: whichever of rtol / atol the integrator takes
+        tolerances = [k for k in ("rtol", "atol") if k in info.options]
+    info.tolerances = tuple(tolerances)
+    missing = [k for k in info.tolerances if k not in info.options]
+    if missing:
+        raise ValueError(f"sampler {name!r} declares tolerance options {missing} it does not accept")
+    _SAMPLERS[name] = info
     return fn
 
 
@@ -126,10 +135,12 @@ def register_sampler(name: str, variants: Optional[Sequence[Dict[str, Any]]] = N
                                 final_step_nfe)
 
 
-def register_adaptive(name: str, variants: Optional[Sequence[Dict[str, Any]]] = None, *, stochastic: Flag = False):
+def register_adaptive(name: str, variants: Optional[Sequence[Dict[str, Any]]] = None, *, stochastic: Flag = False,
+                      tolerances: Optional[Sequence[str]] = None):
     """Decorator registering an adaptive integrator ``fn(ctx, x, t0, t1, **options) -> (x, stats)`` (stats: a dict
-    with at least ``accepted`` and ``rejected``) as ``method=name``.  Adaptive integrators apply no constraint."""
-    return lambda fn: _register(name, fn, "adaptive", variants, None, stochastic, False, False)
+    with at least ``accepted`` and ``rejected``) as ``method=name``.  ``tolerances`` names the options that set its
+    accuracy (a tolerance sweep sets them all to one value; default: those of rtol / atol it takes).  Adaptive integrators apply no constraint."""
+    return lambda fn: _register(name, fn, "adaptive", variants, None, stochastic, False, False, None, tolerances)
 
 
 def available() -> List[str]:

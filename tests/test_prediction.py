@@ -168,3 +168,37 @@ def test_discrete_network_from_get_model_uses_the_discrete_sigma():
             pred = model.predict(sde, x, t)
             eps = net(x, torch.full((4,), i * sde.T / (sde.N - 1)))
         assert torch.allclose(pred.score, -eps / torch.sqrt(1 - abar).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_config_sampling_options_reach_the_sampler_and_unknown_ones_are_refused():
+    """``--config.sampling.options.K=V`` passes a sampler's and its schedule's own options (here DPM-Solver's order
+    and the edm grid's rho) through ``generate``: the samples equal a direct ``solvers.sample`` call with them and
+    differ from the defaults'; a misspelt option is one error naming what is accepted, never dropped."""
+    from sde_diffusion import configs
+    from sde_diffusion.run.sampling import SamplingError, generate, sampler_options
+    base = ["sampling.method=dpm_solver", "sampling.schedule=edm", "sampling.num_steps=6", "sampling.num_samples=5",
+            "sampling.batch_size=5", "sampling.seed=3"]
+    cfg = configs.apply_overrides(configs.get_config("toy_2d"),
+                                  base + ["sampling.options.order=3", "sampling.options.rho=5.0"])
+    assert sampler_options(cfg) == {"order": 3, "rho": 5.0}
+    torch.manual_seed(0)
+    net = networks.get_network(cfg)
+    sde = configs.build_sde(cfg)
+    out = generate(cfg, sde, net)
+    assert out["nfe"] == 6
+    with torch.no_grad():
+        direct = solvers.sample(sde, networks.get_model(sde, net), (5, 2), "dpm_solver", 6,
+                                generator=torch.Generator().manual_seed(3), eps=float(cfg.sampling.eps),
+                                schedule="edm", order=3, rho=5.0).samples
+        default = solvers.sample(sde, networks.get_model(sde, net), (5, 2), "dpm_solver", 6,
+                                 generator=torch.Generator().manual_seed(3), eps=float(cfg.sampling.eps),
+                                 schedule="edm").samples
+    from sde_diffusion.data import get_data_inverse_scaler
+    inv = get_data_inverse_scaler(cfg)
+    assert torch.allclose(out["samples"], inv(direct), atol=1e-6)
+    assert not torch.allclose(out["samples"], inv(default), atol=1e-4)
+    bad = configs.apply_overrides(configs.get_config("toy_2d"), base + ["sampling.options.ordr=3"])
+    with pytest.raises(SamplingError, match=r"sampling.options \['ordr'\] not accepted by method 'dpm_solver'.*order"):
+        sampler_options(bad)
+    with pytest.raises(configs.ConfigError, match="unknown config key 'sampling.optoins.order'"):
+        configs.apply_overrides(configs.get_config("toy_2d"), ["sampling.optoins.order=3"])

@@ -27,6 +27,11 @@ __all__ = ["get_config", "available_configs", "apply_overrides", "parse_override
            "config_from_json", "CONFIG_NAMES", "validate"]
 
 
+#: sections whose keys are not fixed by the default config: a sampler's and a schedule's own options, checked against
+#: their signatures when sampling starts (``run.sampling.sampler_options``)
+OPEN_SECTIONS = ("sampling.options",)
+
+
 class ConfigError(ValueError):
     """A configuration name, path, key or value that cannot be used."""
 
@@ -234,6 +239,11 @@ def apply_overrides(config: ml_collections.ConfigDict,
                 raise _unknown_key_error(config, key)
             node = node[part]
         leaf = parts[-1]
+        if leaf not in node and ".".join(parts[:-1]) in OPEN_SECTIONS:
+            # a free-form section (sampler options): a new key takes the value as a Python literal
+            with config.unlocked():
+                node[leaf] = parse_override(None, value, key)
+            continue
         if leaf not in node:
             raise _unknown_key_error(config, key)
         current = node[leaf]

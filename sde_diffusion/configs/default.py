@@ -40,6 +40,10 @@ def get_default_config():
     sampling.batch_size = 64
     sampling.seed = 0
     sampling.class_label = -1         # conditional models: -1 cycles through the classes, else this label
+    # the sampler's and the schedule's own options, e.g. --config.sampling.options.order=3 for dpm_solver or
+    # --config.sampling.options.rho=5 for the edm schedule; validated against their signatures (an unknown option is
+    # an error).  The flat keys below are the wave-1 samplers' options, passed when the method accepts them.
+    sampling.options = ml_collections.ConfigDict()
     # sampler options (only those the chosen method accepts are passed to it)
     sampling.predictor = "reverse_diffusion"
     sampling.corrector = "langevin"

@@ -81,10 +81,23 @@ def data_shape(config):
 
 
 def sampler_options(config, method: Optional[str] = None) -> dict:
-    """The entries of ``config.sampling`` that the method accepts as options (e.g. ``snr`` for ``pc``)."""
+    """The options to pass to the method: ``config.sampling.options`` (its own and its schedule's options, checked:
+    an unknown one is a ``SamplingError`` naming what is accepted), over the flat wave-1 keys of ``config.sampling``
+    that the method accepts (e.g. ``snr`` for ``pc``)."""
     method = method or config.sampling.method
-    accepted = solvers.get_sampler(method).options
-    return {k: config.sampling[k] for k in accepted if k in config.sampling}
+    info = solvers.get_sampler(method)
+    accepted = info.options
+    out = {k: config.sampling[k] for k in accepted if k in config.sampling}
+    given = dict(config.sampling.get("options", None) or {})
+    schedule = str(config.sampling.schedule)
+    allowed = set(accepted) | (set(solvers.schedule_options(schedule)) - {"like"})
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise SamplingError(f"sampling.options {unknown} not accepted by method {method!r} "
+                            f"(options: {', '.join(accepted) or 'none'}) nor by schedule {schedule!r} "
+                            f"(options: {', '.join(sorted(allowed - set(accepted))) or 'none'})")
+    out.update(given)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ labels, guidance
