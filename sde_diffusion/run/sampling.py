@@ -51,6 +51,7 @@ from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset
 from ..guidance import cfg_score_batched, classifier_score
 from ..inpainting import Colorize, Inpaint
 from ..networks import get_model, get_score_fn
+from ..prediction import as_model
 from .checkpoints import atomic_write_text, load_model
 from .utils import get_device, plot_points, save_image_grid
 
@@ -80,14 +81,20 @@ def data_shape(config):
     return (int(config.data.num_channels), int(config.data.image_size), int(config.data.image_size))
 
 
+#: the wave-1 samplers' options kept as flat keys of ``config.sampling`` (each passed to its own sampler only: names
+#: such as ``corrector`` mean different things to different samplers); every other option goes in sampling.options
+FLAT_OPTIONS = {"pc": ("predictor", "corrector", "snr", "n_corrector_steps"), "ode": ("solver",),
+                "rk45": ("rtol", "atol"), "ancestral": ("variance",), "ddim": ("eta",)}
+
+
 def sampler_options(config, method: Optional[str] = None) -> dict:
     """The options to pass to the method: ``config.sampling.options`` (its own and its schedule's options, checked:
     an unknown one is a ``SamplingError`` naming what is accepted), over the flat wave-1 keys of ``config.sampling``
-    that the method accepts (e.g. ``snr`` for ``pc``)."""
+    that belong to the method (``FLAT_OPTIONS``, e.g. ``snr`` for ``pc``)."""
     method = method or config.sampling.method
     info = solvers.get_sampler(method)
     accepted = info.options
-    out = {k: config.sampling[k] for k in accepted if k in config.sampling}
+    out = {k: config.sampling[k] for k in FLAT_OPTIONS.get(method, ()) if k in config.sampling and k in accepted}
     given = dict(config.sampling.get("options", None) or {})
     schedule = str(config.sampling.schedule)
     allowed = set(accepted) | (set(solvers.schedule_options(schedule)) - {"like"})
@@ -379,7 +386,7 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
         y = labels[start:start + b].to(device) if labels is not None else None
         score_fn = guided_score_fn(config, sde, model, y, classifier)
         if constraint is not None:
-            score_fn = constraint.conditional_score(score_fn, covariance="isotropic",
+            score_fn = constraint.conditional_score(as_model(score_fn).score_fn(sde), covariance="isotropic",
                                                     data_var=float(s.get("inpaint_data_var", DATA_VAR)))
         res = solvers.sample(sde, score_fn, (b, *shape), method=s.method, num_steps=int(s.num_steps),
                              generator=gen, eps=float(s.eps), schedule=s.schedule, denoise=bool(s.denoise),
