@@ -160,7 +160,8 @@ class Model:
 
     def predict(self, sde, x: Tensor, t) -> Prediction:
         """One evaluation of fn at (x, t), t a float or a tensor of shape () or (B,)."""
-        t = torch.as_tensor(t, device=x.device)
+        # a Python number becomes float64 first (as_tensor would round it to float32 before the cast to x's dtype)
+        t = t.to(x.device) if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         t = t.to(dtype=x.dtype)
