@@ -485,7 +485,9 @@ def test_a_second_training_is_refused_naming_the_holder_and_a_killed_holder_free
     pid = fork(lambda: main_cli.cli(cli_args("train", wd, **dict(TRAIN, **{"training.n_iters": 100000}))),
                log=os.devnull)
     try:
-        wait_for(lambda: os.path.exists(os.path.join(wd, "checkpoints", "ckpt_00000010.pt")), pid=pid)
+        # config.json follows the first checkpoint (it is written once that checkpoint exists): wait for both
+        wait_for(lambda: os.path.exists(os.path.join(wd, "checkpoints", "ckpt_00000010.pt"))
+                 and os.path.exists(os.path.join(wd, "config.json")), pid=pid)
         config_before = open(os.path.join(wd, "config.json"), "rb").read()
         code, out, err = run_cli(capsys, cli_args("train", wd, **dict(TRAIN, seed=7)))
         lock = os.path.join(wd, ".lock-train")
