@@ -19,15 +19,6 @@ F64 = torch.float64
 N = 20_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: far faster for these small tensors on a shared 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _exact_prior(sde, dist, n, gen):
     """x_T ~ p_T exactly (a x0 + sigma z): the prior mismatch at T stays out of the comparison."""
     a, s = sde.marginal_coeffs(sde.T)

@@ -6,11 +6,7 @@ mixture moments) and against independent implementations (diffusers' ``DPMSolver
 The exact flow of a Gaussian N(mu, U diag(lam) U^T) moves each eigen-coordinate by the ratio of marginal standard
 deviations: x_s - a_s mu = sqrt(v_s / v_t) (x_t - a_t mu), v = a^2 lam + sigma^2 (as in tests/test_solver_orders.py).
 """
-import glob
-import importlib.util
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -24,16 +20,6 @@ from solvers.dpm_solver import dynamic_threshold
 F64 = dict(dtype=torch.float64)
 #: diffusers' scheduler warns about numpy 2's copy keyword and the deprecated 'dpmsolver' algorithm type
 _DIFFUSERS_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests make thousands of tiny tensor ops; on a shared, loaded CPU torch's intra-op thread pool turns a
-    (64, 1) softmax into ~15 ms of spinning.  One thread keeps the file fast; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rotated_gaussian(eig):
@@ -266,29 +252,11 @@ def test_dpmpp_2m_sde_equals_diffusers_with_the_same_noise():
 
 # ================================================================================================ k-diffusion
 def _k_diffusion_sampling():
-    """k-diffusion's sampling module alone (its package __init__ needs torchvision): a minimal utils shim."""
-    pytest.importorskip("torchdiffeq")
-    pytest.importorskip("torchsde")
-    paths = [p for d in sys.path for p in glob.glob(f"{d}/k_diffusion/sampling.py")]
-    if not paths:
-        pytest.skip("k-diffusion is not installed")
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = []
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
-    try:
-        spec = importlib.util.spec_from_file_location("k_diffusion.sampling", paths[0])
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    """k-diffusion's sampling module (experiments.compare_peers loads it without the package's image extras)."""
+    from experiments.compare_peers import load_k_diffusion_sampling
+    mod = load_k_diffusion_sampling()
+    if mod is None:
+        pytest.skip("k-diffusion's sampling module is not importable (k-diffusion, torchsde or torchdiffeq missing)")
     return mod
 
 

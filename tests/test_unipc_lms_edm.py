@@ -10,10 +10,7 @@
   its package __init__ needs torchvision).
 * EDM's stochastic sampler (S_churn > 0) lands on a 2-D Gaussian mixture; bad options raise ValueError.
 """
-import importlib.util
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -25,15 +22,6 @@ from sde_diffusion.prediction import Model
 
 F64 = dict(dtype=torch.float64)
 EPS = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (softmax slows ~1000x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -76,28 +64,11 @@ def _karras_denoiser(target):
 
 
 def _k_diffusion_sampling():
-    """k-diffusion's sampling.py, imported on its own under a private package name with a one-function utils shim."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
-    name = "_kdiffusion_sampling_only"
-    if f"{name}.sampling" in sys.modules:
-        return sys.modules[f"{name}.sampling"]
-    pkg = types.ModuleType(name)
-    pkg.__path__ = []
-    utils = types.ModuleType(f"{name}.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    path = spec.submodule_search_locations[0] + "/sampling.py"
-    mod_spec = importlib.util.spec_from_file_location(f"{name}.sampling", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    sys.modules.update({name: pkg, f"{name}.utils": utils, f"{name}.sampling": mod})
-    try:
-        mod_spec.loader.exec_module(mod)
-    except ImportError as e:          # its own dependencies (torchdiffeq, torchsde, scipy) missing
-        for k in (name, f"{name}.utils", f"{name}.sampling"):
-            sys.modules.pop(k, None)
-        pytest.skip(f"k-diffusion's sampling module cannot be imported: {e}")
+    """k-diffusion's sampling module (experiments.compare_peers loads it without the package's image extras)."""
+    from experiments.compare_peers import load_k_diffusion_sampling
+    mod = load_k_diffusion_sampling()
+    if mod is None:
+        pytest.skip("k-diffusion's sampling module is not importable (k-diffusion, torchsde or torchdiffeq missing)")
     return mod
 
 
