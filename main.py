@@ -18,6 +18,14 @@ vp_cifar_cond, digits_classifier, cifar_classifier), a Python file with
 evaluate).  Any key can be overridden
 with ``--config.a.b=v`` (or ``--config.a.b v``): an unknown key or a value of the wrong type is an error naming the
 closest valid keys.
+
+Data-parallel training on K processes (one per GPU, or CPU processes with gloo), one or several nodes:
+
+    torchrun --nproc_per_node=K main.py --mode train --config vp_cifar --workdir runs/cifar
+    torchrun --nnodes=N --node_rank=I --nproc_per_node=K --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        --rdzv_id=cifar main.py --mode train --config vp_cifar --workdir /shared/runs/cifar
+
+Only rank 0 prints messages and writes files; ``--mode sample`` and ``--mode eval`` run in one process.
 """
 from __future__ import annotations
 
@@ -84,10 +92,35 @@ def load_config(name_or_path, workdir, mode, overrides):
     return configs.apply_overrides(config, overrides)
 
 
-def _say(text: str) -> None:
-    """One line on stderr (the message's own line breaks folded)."""
+def _rank() -> int:
+    """This process's rank under torchrun (0 outside it)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _say(text: str, error: BaseException = None) -> None:
+    """One line on stderr (the message's own line breaks folded).  Under torchrun only rank 0 speaks for the group:
+    another rank prints only its own failure that no collective handed to rank 0 (a config error is the same on every
+    rank, so rank 0's line says it)."""
+    if _rank() != 0:
+        from sde_diffusion import configs
+        if error is None or getattr(error, "reported_by_rank0", False) or isinstance(error, configs.ConfigError):
+            return
+        text = f"[rank {_rank()}] {text}"
     sys.stderr.write(" ".join(str(text).split("\n")).rstrip() + "\n")
     sys.stderr.flush()
+
+
+def apply_threads(config) -> int:
+    """``torch.set_num_threads(config.compute.threads)`` (0 keeps PyTorch's default); returns the thread count."""
+    import torch
+    section = config.get("compute")
+    n = int(section.get("threads", 0)) if section is not None else 0
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def main(argv):
@@ -99,7 +132,8 @@ def main(argv):
         try:
             code = _run()
         except lifecycle.Interrupted as e:
-            _say(str(e))
+            if _rank() == 0:
+                _say(str(e))
             code = e.exit_code
     sys.exit(code)
 
@@ -110,7 +144,7 @@ def _run() -> int:
     from sde_diffusion import configs
     from sde_diffusion.atomic import WriteError
     from sde_diffusion.data import DatasetError
-    from sde_diffusion.run import lifecycle
+    from sde_diffusion.run import distributed, lifecycle
     from sde_diffusion.run.checkpoints import CheckpointError
     from sde_diffusion.run.classifier_train import ClassifierError
     from sde_diffusion.run.evaluate import EvaluationError
@@ -121,13 +155,28 @@ def _run() -> int:
         config = load_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, _OVERRIDES)
         if FLAGS.mode in ("train", "sample", "eval"):
             configs.validate(config, FLAGS.mode)
-    except (configs.ConfigError, WorkdirError) as e:
-        _say(f"error: {e}")
+        if distributed.env_world() is not None and distributed.env_world()[1] > 1 and FLAGS.mode != "train":
+            raise configs.ConfigError(f"--mode {FLAGS.mode} runs in one process; start it with python, not torchrun "
+                                      f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
+    except (configs.ConfigError, WorkdirError, ValueError) as e:
+        _say(f"error: {e}", e)
         return 2
+    if FLAGS.mode in ("train", "sample", "eval"):
+        apply_threads(config)
     try:
         if FLAGS.mode == "train":
             from sde_diffusion.run.train import train
-            out = train(config, FLAGS.workdir, device=FLAGS.device)
+            ctx = distributed.init_from_env(FLAGS.device or config.device,
+                                            float(config.compute.dist_timeout) if "compute" in config else 1800.0)
+            if not ctx.is_main:
+                from absl import logging as absl_logging
+                absl_logging.set_verbosity(absl_logging.WARNING)
+            try:
+                out = train(config, FLAGS.workdir, device=FLAGS.device)
+            finally:
+                distributed.shutdown()
+            if not ctx.is_main:
+                return 0
             if out.get("nothing_to_do"):
                 print(f"nothing to do: {FLAGS.workdir} is already at step {out['step']} >= training.n_iters = "
                       f"{int(config.training.n_iters)} (checkpoint {out['checkpoint']}); raise "
@@ -154,19 +203,19 @@ def _run() -> int:
             for summary in out["results"]:
                 print(f"{summary_line(summary)} -> {summary['path']}")
     except (configs.ConfigError, WorkdirError) as e:
-        _say(f"error: {e}")
+        _say(f"error: {e}", e)
         return 2
     except (DatasetError, CheckpointError, ClassifierError, SamplingError, EvaluationError, NonFiniteLossError,
-            lifecycle.WorkdirLockedError, WriteError) as e:
-        _say(f"error: {e}")
+            lifecycle.WorkdirLockedError, WriteError, distributed.RankFailedError) as e:
+        _say(f"error: {e}", e)
         return 1
     except FloatingPointError as e:        # solvers.NonFiniteError: the network's scores are not finite
         _say(f"error: {e}; the model gives non-finite values (diverged or damaged weights): try an earlier "
-             f"checkpoint (--checkpoint STEP)")
+             f"checkpoint (--checkpoint STEP)", e)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        _say(f"error: {where}{e.strerror or e}")
+        _say(f"error: {where}{e.strerror or e}", e)
         return 1
     return 0
 

@@ -1,13 +1,24 @@
-"""Training step time and sampling throughput of a config's network (default: the vp_cifar U-Net) on this machine.
+"""Training step time of a config's network under the ``config.compute`` speed options, side by side, and its
+sampling throughput.
 
-    python experiments/throughput.py --batch-size 8 [--config vp_cifar] [--device cpu] [--steps 5] [--threads 2]
+    python experiments/throughput.py --batch-size 8 [--config vp_cifar] [--device cpu] [--steps 3] [--rounds 3]
+        [--threads 1] [--variants baseline,fused_adam,foreach_ema,fast,bf16,channels_last,compile]
 
-Prints the parameter count, the mean time of one training update (loss forward + backward + gradient clipping +
-Adam + EMA) at the given batch size, and the sampling throughput: batched score evaluations per second and
-sample-evaluations per second (batch size x evaluations / s).  Asserts nothing.
+Each variant is one full training update as ``run/train.py`` does it (loss forward under the variant's autocast,
+backward, gradient clipping, Adam of the variant's implementation, EMA update), on the same batch.  The variants are
+timed in interleaved rounds (round r times every variant once, in turn), so a machine whose load changes during the
+run biases none of them; the table gives the median over rounds and the ratio to ``baseline`` (per-tensor loop Adam,
+loop EMA, float32, contiguous).  Then the sampling throughput of the baseline: batched score evaluations per second
+and sample-evaluations per second.  Asserts nothing.
+
+Variants: ``baseline``; ``fused_adam`` (compute.adam_impl=fused, foreach where fused is unsupported);
+``foreach_ema``; ``fast`` (fused Adam + foreach EMA: the CPU default); ``bf16`` (fast + compute.autocast=bf16);
+``channels_last`` (fast + NHWC, image data only); ``compile`` (fast + torch.compile of the network; its compile time
+is printed apart and not in the table).
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -22,60 +33,117 @@ from sde_diffusion.run.sampling import data_shape  # noqa: E402
 from sde_diffusion.run.train import build_optimizer  # noqa: E402
 from sde_diffusion.run.utils import get_device  # noqa: E402
 
+VARIANTS = {
+    "baseline": dict(adam_impl="loop", ema_foreach=False),
+    "fused_adam": dict(adam_impl="fused", ema_foreach=False),
+    "foreach_ema": dict(adam_impl="loop", ema_foreach=True),
+    "fast": dict(adam_impl="auto", ema_foreach=True),
+    "bf16": dict(adam_impl="auto", ema_foreach=True, autocast="bf16"),
+    "channels_last": dict(adam_impl="auto", ema_foreach=True, channels_last=True),
+    "compile": dict(adam_impl="auto", ema_foreach=True, compile=True),
+}
+
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="vp_cifar")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed training updates (after one warm-up)")
-    p.add_argument("--evals", type=int, default=10, help="timed score evaluations (after one warm-up)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    config = configs.get_config(args.config)
-    device = get_device(args.device)
-    sde = configs.build_sde(config)
+def build_update(config, options, x, device):
+    """One training update of ``config`` with the speed ``options`` (a ``compute`` sub-dict); returns
+    ``(update, model, ema)``.  The network is initialised from the same seed for every variant."""
+    from sde_diffusion.run.train import _fused_supported
+    torch.manual_seed(0)
     model = networks.get_network(config).to(device)
-    ema = ExponentialMovingAverage(model, config.model.ema_rate)
-    opt = build_optimizer(config, model.parameters())
-    loss_fn = get_loss_fn(config, sde)
-    shape = (args.batch_size, *data_shape(config))
-    x = torch.rand(shape, device=device) * 2 - 1
-    print(f"config {args.config}: {config.model.name} with {networks.count_parameters(model):,} parameters; "
-          f"device {device} ({torch.get_num_threads()} CPU threads); batch {args.batch_size}")
+    images = x.dim() == 4
+    channels_last = bool(options.get("channels_last")) and images
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = config.copy_and_resolve_references()
+    for k, v in options.items():
+        c.compute[k] = v
+    if c.compute.adam_impl == "fused" and not _fused_supported(list(model.parameters())):
+        c.compute.adam_impl = "foreach"
+    ema = ExponentialMovingAverage(model, config.model.ema_rate, foreach=bool(c.compute.ema_foreach))
+    opt = build_optimizer(c, model.parameters())
+    net = torch.compile(model) if options.get("compile") else model
+    loss_fn = get_loss_fn(config, configs.build_sde(config))
+    bf16 = options.get("autocast") == "bf16"
 
     def update():
-        loss = loss_fn(model, x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         opt.step()
         ema.update(model)
+        return float(loss.detach())
+    return update, model, ema
 
-    update()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        update()
-    sync(device)
-    step_time = (time.perf_counter() - t0) / args.steps
-    print(f"training: {step_time * 1e3:.1f} ms per update ({1 / step_time:.2f} updates/s, "
-          f"{args.batch_size / step_time:.1f} examples/s)")
-    if args.batch_size != config.training.batch_size:
-        print(f"  (config batch {config.training.batch_size}: about "
-              f"{step_time * config.training.batch_size / args.batch_size:.2f} s per update if time scales linearly)")
-    print(f"  {config.training.n_iters:,} updates at batch {args.batch_size}: "
-          f"{config.training.n_iters * step_time / 3600:.1f} h")
 
-    score_fn = networks.get_score_fn(sde, ema.model)
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="vp_cifar")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed training updates per variant and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the table gives the median)")
+    p.add_argument("--evals", type=int, default=10, help="timed score evaluations (after one warm-up)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--variants", default="baseline,fused_adam,foreach_ema,fast,bf16,channels_last",
+                   help=f"comma-separated, from {', '.join(VARIANTS)}")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; available: {', '.join(VARIANTS)}")
+    if "baseline" not in names:
+        names.insert(0, "baseline")
+
+    config = configs.get_config(args.config)
+    device = get_device(args.device)
+    shape = (args.batch_size, *data_shape(config))
+    torch.manual_seed(1)
+    x = (torch.rand(shape) * 2 - 1).to(device)
+    if x.dim() != 4:
+        names = [n for n in names if n != "channels_last"]
+    updates = {}
+    for name in names:
+        t0 = time.perf_counter()
+        update, model, ema = build_update(config, VARIANTS[name], x, device)
+        update()                                     # warm-up (and compilation)
+        sync(device)
+        updates[name] = update
+        if name == "compile":
+            print(f"compile: first update (compilation) took {time.perf_counter() - t0:.1f} s")
+        if name == "baseline":
+            base_model, base_ema = model, ema
+    print(f"config {args.config}: {config.model.name} with {networks.count_parameters(base_model):,} parameters; "
+          f"device {device} ({torch.get_num_threads()} CPU threads); batch {args.batch_size}; "
+          f"{args.rounds} interleaved rounds x {args.steps} updates")
+
+    times = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                updates[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    base = statistics.median(times["baseline"])
+    print(f"{'variant':<14} {'ms / update':>12} {'vs baseline':>12}")
+    for name in names:
+        med = statistics.median(times[name])
+        print(f"{name:<14} {med * 1e3:>12.1f} {base / med:>11.2f}x")
+    print(f"  {config.training.n_iters:,} updates at batch {args.batch_size} (baseline): "
+          f"{config.training.n_iters * base / 3600:.1f} h")
+
+    score_fn = networks.get_score_fn(configs.build_sde(config), base_ema.model)
     t = torch.full((args.batch_size,), 0.5, device=device)
     with torch.no_grad():
         score_fn(x, t)

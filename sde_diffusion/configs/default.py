@@ -13,9 +13,24 @@ def get_default_config():
     config.deterministic = False      # torch.use_deterministic_algorithms (+ cuDNN deterministic)
     config.device = "auto"            # auto = cuda when available, else cpu
 
+    # speed and parallelism (issue 17); every key may change on resume.  Measure with experiments/throughput.py
+    config.compute = compute = ml_collections.ConfigDict()
+    compute.threads = 1               # torch intra-op threads per process (0 = PyTorch's default, one per core); 1 was
+    #                                   fastest on a 2-core CPU (3x vs 2 threads when busy), set at start-up of
+    #                                   train / sample / eval
+    compute.grad_accum = 1            # micro-batches per rank per update: the global batch training.batch_size is
+    #                                   split into world_size * grad_accum micro-batches (must divide it)
+    compute.autocast = "none"         # none | bf16 (network forward in training under torch.autocast, CPU or CUDA)
+    compute.adam_impl = "auto"        # auto (fused where supported, else foreach) | fused | foreach | loop
+    compute.ema_foreach = True        # EMA update with torch._foreach_lerp_ (same numbers as the per-tensor loop)
+    compute.channels_last = False     # image networks: NHWC weights and inputs (ignored for 1-D / 2-D data)
+    compute.compile = False           # torch.compile of the score network in training (opt-in: slow to compile)
+    compute.dist_timeout = 1800       # seconds a torchrun rank waits in a collective before the group gives up
+
     config.training = training = ml_collections.ConfigDict()
     training.sde = "vp"               # vp | subvp | ve (any name sde_diffusion.sdes.get_sde knows)
     training.loss = "dsm"             # dsm (continuous time) | ddpm (discrete eps-loss, VP) | smld (discrete, VE)
+    #                                   | fm (conditional flow matching) | edm (Karras et al. 2022)
     training.weighting = "uniform"    # dsm only: uniform (lambda = sigma^2) | likelihood (lambda = g^2)
     training.reduce = "mean"          # mean | sum over data dimensions (then mean over the batch)
     training.eps = 1e-5               # t ~ U(eps, T)
@@ -28,6 +43,9 @@ def get_default_config():
     training.snapshot_sampling = True
     training.snapshot_num_samples = 64
     training.p_uncond = 0.0           # probability of dropping labels to the null label (classifier-free guidance)
+    training.fm_ot = False            # fm: pair noise and data by minibatch optimal transport (linear_sum_assignment)
+    training.P_mean = -1.2            # edm: ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)
+    training.P_std = 1.2
     training.progress = True          # tqdm progress bar (only drawn on a terminal)
 
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -116,7 +134,9 @@ def get_default_config():
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "unet"
-    model.parameterization = "noise"  # noise | score | direct (see sde_diffusion.networks.utils)
+    model.parameterization = "noise"  # noise | score | direct | x0 | v | velocity (see sde_diffusion.networks.utils)
+    model.precond = "none"            # none | edm (EDM's c_skip/c_out/c_in/c_noise wrapper; needs parameterization x0)
+    model.sigma_data = 0.5            # EDM: data std of the preconditioning and of the edm loss's weighting
     model.num_classes = 0             # > 0: class-conditional (label embedding with num_classes + 1 rows)
     model.ema_rate = 0.9999
     model.nf = 128

@@ -22,7 +22,8 @@ __all__ = ["validate", "flatten", "config_differences", "identity_differences", 
 #: keys (or prefixes ending in '.') that may differ between a run's config.json and a resume of it
 RESUMABLE_KEYS = ("training.n_iters", "training.log_freq", "training.checkpoint_freq", "training.keep_checkpoints",
                   "training.snapshot_freq", "training.snapshot_sampling", "training.snapshot_num_samples",
-                  "training.progress", "sampling.", "eval.", "device", "data.root", "data.download")
+                  "training.progress", "sampling.", "eval.", "device", "data.root", "data.download",
+                  "compute.")
 
 
 def _get(config, key):
@@ -104,8 +105,32 @@ def _common(config):
         raise ConfigError(f"config key 'model.sigma_max' must be > model.sigma_min = {config.model.sigma_min:g}, "
                           f"got {config.model.sigma_max!r}")
     _number(config, "model.nf", integer=True, lo=1)
+    _number(config, "model.sigma_data", lo=0, lo_open=True)
+    _choice(config, "model.precond", ("none", "edm"))
+    if str(_get(config, "model.precond")).lower() == "edm" and _get(config, "model.parameterization") != "x0":
+        raise ConfigError(f"config key 'model.parameterization' must be x0 with model.precond = edm (the wrapper "
+                          f"outputs EDM's denoiser D), got {_get(config, 'model.parameterization')!r}")
     _number(config, "model.dropout", lo=0, hi=1, hi_open=True)
     _number(config, "model.ema_rate", lo=0, hi=1)
+
+
+def _compute(config, mode):
+    """The ``compute`` section (issue 17): threads for every mode, the speed options for training."""
+    c = "compute."
+    _number(config, c + "threads", integer=True, lo=0, text=">= 0 (0 = PyTorch's default)")
+    _number(config, c + "dist_timeout", lo=0, lo_open=True, text="> 0 (seconds)")
+    if mode != "train":
+        return
+    _number(config, c + "grad_accum", integer=True, lo=1)
+    _choice(config, c + "autocast", ("none", "bf16"))
+    _choice(config, c + "adam_impl", ("auto", "fused", "foreach", "loop"))
+    _bool(config, c + "ema_foreach")
+    _bool(config, c + "channels_last")
+    _bool(config, c + "compile")
+    accum, batch = _get(config, c + "grad_accum"), _get(config, "training.batch_size")
+    if accum is not _MISSING and isinstance(batch, int) and batch % accum:
+        raise ConfigError(f"config key 'compute.grad_accum' must divide training.batch_size = {batch} "
+                          f"(micro-batches of equal size), got {accum}")
 
 
 def _training(config):
@@ -120,6 +145,9 @@ def _training(config):
     _number(config, t + "snapshot_num_samples", integer=True, lo=1)
     _number(config, t + "eps", lo=0, hi=1, lo_open=True, hi_open=True)
     _number(config, t + "p_uncond", lo=0, hi=1)
+    _bool(config, t + "fm_ot")
+    _number(config, t + "P_mean")
+    _number(config, t + "P_std", lo=0, lo_open=True)
     _choice(config, t + "reduce", ("mean", "sum"))
     _bool(config, t + "snapshot_sampling")
     _bool(config, t + "progress")
@@ -160,6 +188,7 @@ def _eval(config):
 def validate(config, mode: str = "train") -> None:
     """Raise ``ConfigError`` (key, allowed range, value) for the first unusable value ``mode`` would use."""
     _common(config)
+    _compute(config, mode)
     if mode == "train":
         _training(config)
         if bool(_get(config, "training.snapshot_sampling")) and int(_get(config, "training.snapshot_freq")) > 0:

@@ -15,11 +15,25 @@ whose digest verifies (a corrupt newer one is named in a warning and kept); ``co
 with a checkpoint of this invocation, never by a failed or no-op one, and a resume whose config differs in a key that
 defines the run (``configs.validation.RESUMABLE_KEYS`` lists those that may change) is refused with the keys listed.
 
+Distributed (``run/distributed.py``): under ``torchrun --nproc_per_node=K`` every rank trains a
+``DistributedDataParallel`` replica.  Update k's global batch (``training.batch_size`` examples, the same
+``data.indices`` shard of epoch k // (n / B)'s permutation on every rank) is split into M = K * ``compute.grad_accum``
+equal micro-batches (a batch size not divisible by M is refused); micro-batch j = rank * grad_accum + a takes examples
+[j B/M, (j+1) B/M) and draws its t, z, dropout and label drops from ``(seed, k, j)`` (j = 0: ``(seed, k)``, as in
+one process).  Gradients are averaged by DDP's all-reduce, so a K-rank run computes the same update as a one-process
+run with ``compute.grad_accum = K`` (to float rounding: the sum order differs).  EMA and clipping see identical
+gradients on every rank.  Only rank 0 holds the workdir lock and writes checkpoints (with every rank's RNG state),
+``config.json``, TensorBoard and snapshots.  Failures (a non-finite loss, an exception in a rank's data or forward, a
+failed checkpoint write) are exchanged at fixed points of every update, so all ranks stop at the same update with one
+message; a graceful stop (SIGTERM / SIGINT on any rank) is agreed on the same way and checkpointed once.  A run resumed
+with a different K or grad_accum continues from the checkpoint with a different noise stream and says so.
+
 Logs (``<workdir>/tensorboard``): ``train/loss`` (mean over the logging interval), ``train/lr``, ``train/grad_norm``,
 ``train/steps_per_sec``, and a sample grid (``samples``) every ``training.snapshot_freq`` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -36,6 +50,7 @@ from ..ema import ExponentialMovingAverage
 from ..losses import get_loss_fn
 from ..networks import count_parameters, get_network
 from . import checkpoints as ckpt_lib
+from . import distributed as dist_lib
 from . import lifecycle
 from .utils import (get_device, get_rng_state, open_summary_writer, plot_points, seed_everything, set_deterministic,
                     set_rng_state)
@@ -66,15 +81,51 @@ def prepare_workdir(workdir: str, create: bool = True) -> str:
     return workdir
 
 
+def _compute(config, key: str, default):
+    """``config.compute.<key>``, or ``default`` for a config written before the section existed."""
+    section = config.get("compute") if hasattr(config, "get") else None
+    return default if section is None or key not in section else section[key]
+
+
 def build_optimizer(config, params):
+    """Adam / AdamW of ``config.optim``; ``compute.adam_impl``: ``fused`` (one kernel, CPU and CUDA), ``foreach``,
+    ``loop`` (per tensor) or ``auto`` (fused where this PyTorch supports it for the parameters' device, else
+    foreach).  All compute the same update to float rounding."""
+    params = list(params)
     o = config.optim
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     name = o.optimizer.lower()
-    if name == "adam":
-        return torch.optim.Adam(params, **kw)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **kw)
-    raise ValueError(f"unknown optim.optimizer {o.optimizer!r}; available: adam, adamw")
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"unknown optim.optimizer {o.optimizer!r}; available: adam, adamw")
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    impl = str(_compute(config, "adam_impl", "auto")).lower()
+    if impl == "auto":
+        impl = "fused" if _fused_supported(params) else "foreach"
+    if impl == "fused":
+        if not _fused_supported(params):
+            raise configs_lib.ConfigError(
+                f"config key 'compute.adam_impl' = 'fused' is not supported here (PyTorch {torch.__version__} on "
+                f"{params[0].device.type if params else 'no parameters'}); use auto, foreach or loop")
+        kw["fused"] = True
+    elif impl == "foreach":
+        kw["foreach"] = True
+    elif impl == "loop":
+        kw["foreach"] = False
+    else:
+        raise configs_lib.ConfigError(f"config key 'compute.adam_impl' must be one of auto, fused, foreach, loop, "
+                                      f"got {impl!r}")
+    return cls(params, **kw)
+
+
+def _fused_supported(params) -> bool:
+    import inspect
+    if "fused" not in inspect.signature(torch.optim.Adam).parameters or not params:
+        return False
+    dev = params[0].device.type
+    if dev not in ("cpu", "cuda"):
+        return False
+    return all(p.is_floating_point() and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+               and p.device.type == dev for p in params)
 
 
 def learning_rate(config, step: int) -> float:
@@ -119,33 +170,65 @@ def _check_identity(stored, config, where: str):
     return resumable
 
 
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that also answers the wrapped network's own attributes (``parameterization``, ``time_convention``), which
+    the score / noise functions read from the model they are given."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
 def train(config, workdir: str, device: Optional[str] = None) -> dict:
     """Train ``config`` in ``workdir`` up to ``training.n_iters`` updates, resuming from the newest good checkpoint.
 
-    Returns ``dict(step, loss, checkpoint, nothing_to_do)``.  Raises ``ConfigError`` for unusable values (before
-    anything is written), ``lifecycle.WorkdirLockedError`` when another process trains in ``workdir``,
+    Returns ``dict(step, loss, checkpoint, nothing_to_do, world_size)``.  Raises ``ConfigError`` for unusable values
+    (before anything is written), ``lifecycle.WorkdirLockedError`` when another process trains in ``workdir``,
     ``lifecycle.Stopped`` after a graceful stop (its checkpoint written), ``NonFiniteLossError`` on a non-finite loss,
     gradient or weights (nothing is saved for that step, so the latest checkpoint stays the last good one), and
-    ``atomic.WriteError`` when a file cannot be written.
+    ``atomic.WriteError`` when a file cannot be written.  In a torchrun process group (``distributed.init_from_env``
+    called first, as ``main.py`` does) every rank calls this; a failure on any rank raises on all of them
+    (``distributed.RankFailedError`` on the others).
     """
     configs_lib.validate(config, "train")
+    ctx = dist_lib.current()
     try:
         device = get_device(device or config.device)
     except RuntimeError as e:
         raise configs_lib.ConfigError(f"config key 'device' must name a device (auto, cpu, cuda, cuda:1, ...): "
                                       f"{e}") from None
-    prepare_workdir(workdir)
-    with lifecycle.WorkdirLock(workdir, "train"), \
-            lifecycle.handle_signals("graceful", context=f"training in {workdir}"):
-        return _train(config, workdir, device)
+    device = dist_lib.rank_device(ctx, device)
+    accum = int(_compute(config, "grad_accum", 1))
+    micro = ctx.world_size * accum
+    if int(config.training.batch_size) % micro:
+        raise configs_lib.ConfigError(
+            f"config key 'training.batch_size' must be divisible by world size x compute.grad_accum = "
+            f"{ctx.world_size} x {accum} = {micro} (equal micro-batches on every rank), got "
+            f"{int(config.training.batch_size)}")
+    with contextlib.ExitStack() as stack:
+        error = None
+        if ctx.is_main:               # only rank 0 touches the workdir's lock; the others wait for its verdict
+            try:
+                prepare_workdir(workdir)
+                stack.enter_context(lifecycle.WorkdirLock(workdir, "train"))
+            except Exception as e:    # noqa: BLE001 — handed to every rank by check()
+                error = e
+        ctx.check(error, "start-up")
+        where = f"training in {workdir}" + (f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else "")
+        stack.enter_context(lifecycle.handle_signals("graceful", context=where))
+        return _train(config, workdir, device, ctx)
 
 
-def _train(config, workdir: str, device) -> dict:
+def _set_up(config, workdir, device, ctx):
+    """Everything before the first update: build, check the run's identity, load the newest good checkpoint."""
     tc = config.training
-    removed = remove_stale_temp_files([workdir, ckpt_lib.checkpoint_dir(workdir)])
-    removed += remove_stale_temp_files([os.path.join(workdir, "snapshots")], recursive=True)
-    if removed:
-        logging.info("removed %d temporary file(s) left by an earlier, killed run", len(removed))
+    if ctx.is_main:
+        removed = remove_stale_temp_files([workdir, ckpt_lib.checkpoint_dir(workdir)])
+        removed += remove_stale_temp_files([os.path.join(workdir, "snapshots")], recursive=True)
+        if removed:
+            logging.info("removed %d temporary file(s) left by an earlier, killed run", len(removed))
 
     config_path = os.path.join(workdir, "config.json")
     changed = []
@@ -157,19 +240,25 @@ def _train(config, workdir: str, device) -> dict:
     try:
         sde = configs_lib.build_sde(config)
         model = get_network(config).to(device)
-        ema = ExponentialMovingAverage(model, decay=float(config.model.ema_rate))
+        images = len(tuple(dataset_shape(config))) == 3
+        if bool(_compute(config, "channels_last", False)) and images:
+            model = model.to(memory_format=torch.channels_last)
+        ema = ExponentialMovingAverage(model, decay=float(config.model.ema_rate),
+                                       foreach=bool(_compute(config, "ema_foreach", True)))
         optimizer = build_optimizer(config, model.parameters())
         loss_fn = get_loss_fn(config, sde)
         dataset = get_dataset(config, "train")
+    except configs_lib.ConfigError:
+        raise
     except (ValueError, KeyError, TypeError) as e:
         raise configs_lib.ConfigError(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     batch_size = int(tc.batch_size)
     if config.data.dataset.lower() != "toy" and batch_size > len(dataset):
         raise configs_lib.ConfigError(f"config key 'training.batch_size' must be an integer in [1, {len(dataset)}] "
                                       f"(the size of the {config.data.dataset} training split), got {batch_size}")
-    scaler = get_data_scaler(config)
-    logging.info("%s: %s network with %s parameters on %s; %s SDE; data %s", config.name, config.model.name,
-                 f"{count_parameters(model):,}", device, sde, config.data.dataset)
+    logging.info("%s: %s network with %s parameters on %s; %s SDE; data %s%s", config.name, config.model.name,
+                 f"{count_parameters(model):,}", device, sde, config.data.dataset,
+                 f"; {ctx.world_size} ranks ({ctx.backend})" if ctx.enabled else "")
 
     step = 0
     latest, state, skipped = ckpt_lib.newest_good_checkpoint(workdir, map_location="cpu")  # RNG states on the CPU
@@ -193,31 +282,101 @@ def _train(config, workdir: str, device) -> dict:
                 f"cannot resume from {latest}: it does not fit the network / optimiser of this config "
                 f"({str(e).splitlines()[0]}). Resume with the run's own config ({config_path}) or train in a new "
                 f"workdir.") from None
-        set_rng_state(state["rng"])
+        layout = dict(state.get("layout", {"world_size": 1, "grad_accum": 1}))
+        now = {"world_size": ctx.world_size, "grad_accum": int(_compute(config, "grad_accum", 1))}
+        if layout == now:
+            ranks = state.get("rng_ranks")
+            set_rng_state(ranks[ctx.rank] if ranks is not None else state["rng"])
+        else:
+            set_rng_state(state["rng"])
+            if ctx.is_main:
+                logging.warning(
+                    "resuming a run trained with %d rank(s) x grad_accum %d on %d rank(s) x grad_accum %d: weights, "
+                    "EMA, optimiser and data order continue; the loss noise of the coming updates differs from the "
+                    "original layout's (each micro-batch draws its own), so the run is not bitwise that of an "
+                    "uninterrupted one", layout["world_size"], layout["grad_accum"], now["world_size"],
+                    now["grad_accum"])
         step = int(state["step"])
         del state
         logging.info("resumed from %s (step %d)", latest, step)
+    return dict(sde=sde, model=model, ema=ema, optimizer=optimizer, loss_fn=loss_fn, dataset=dataset, step=step,
+                latest=latest, changed=changed, config_path=config_path, scaler=get_data_scaler(config),
+                images=images)
+
+
+def dataset_shape(config):
+    """The shape of one example: (C, H, W) for image data, (dim,) for toy data."""
+    if config.data.dataset.lower() == "toy":
+        return (int(config.data.dim),)
+    return (int(config.data.num_channels), int(config.data.image_size), int(config.data.image_size))
+
+
+def _train(config, workdir: str, device, ctx) -> dict:
+    tc = config.training
+    run, error = None, None
+    try:
+        run = _set_up(config, workdir, device, ctx)
+    except Exception as e:            # noqa: BLE001 — handed to every rank by check()
+        error = e
+    ctx.check(error, "start-up")
+    steps = ctx.gather(run["step"])
+    if len(set(steps)) > 1:
+        raise ckpt_lib.CheckpointError(
+            f"the ranks found different checkpoints in {ckpt_lib.checkpoint_dir(workdir)} (steps {steps}): the workdir "
+            f"must be one folder every rank sees (a shared filesystem on multi-node runs)")
+    sde, model, ema, optimizer, loss_fn = run["sde"], run["model"], run["ema"], run["optimizer"], run["loss_fn"]
+    dataset, step, latest, changed, scaler = run["dataset"], run["step"], run["latest"], run["changed"], run["scaler"]
+    config_path = run["config_path"]
+    batch_size = int(tc.batch_size)
+    accum = int(_compute(config, "grad_accum", 1))
+    micro_batches = ctx.world_size * accum
+    micro = batch_size // micro_batches
+    channels_last = bool(_compute(config, "channels_last", False)) and run["images"]
+    use_bf16 = str(_compute(config, "autocast", "none")).lower() == "bf16"
+    del run
 
     n_iters = int(tc.n_iters)
     if step >= n_iters:
-        logging.info("nothing to do: %s is at step %d >= training.n_iters = %d", workdir, step, n_iters)
-        return {"step": step, "loss": float("nan"), "checkpoint": latest, "nothing_to_do": True}
-    if changed:
+        if ctx.is_main:
+            logging.info("nothing to do: %s is at step %d >= training.n_iters = %d", workdir, step, n_iters)
+        return {"step": step, "loss": float("nan"), "checkpoint": latest, "nothing_to_do": True,
+                "world_size": ctx.world_size}
+    if changed and ctx.is_main:
         logging.warning("resuming with changed settings: %s", validation_lib.describe_differences(changed))
 
-    writer = open_summary_writer(workdir)
+    net = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    if bool(_compute(config, "compile", False)):
+        net = torch.compile(net)
+
+    writer = open_summary_writer(workdir) if ctx.is_main else None
     config_json = config.to_json(indent=2)
     saved = {"step": step if latest is not None else -1, "path": latest}
 
     def save(at_step):
+        """Collective: every rank's RNG state to rank 0, which writes the checkpoint (and config.json)."""
+        rngs = ctx.gather(get_rng_state())
+        failure, path = None, None
+        if ctx.is_main:
+            try:
+                path = _write(at_step, rngs)
+            except Exception as e:    # noqa: BLE001 — handed to every rank by check()
+                failure = e
+        ctx.check(failure, f"the checkpoint of step {at_step}")
+        saved.update(step=at_step, path=path if ctx.is_main else os.path.join(
+            ckpt_lib.checkpoint_dir(workdir), f"ckpt_{int(at_step):08d}.pt"))
+        return saved["path"]
+
+    def _write(at_step, rngs):
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": get_rng_state(), "config": config.to_json()}
+                 "rng": rngs[0], "config": config.to_json(),
+                 "layout": {"world_size": ctx.world_size, "grad_accum": accum}}
+        if ctx.enabled:
+            state["rng_ranks"] = rngs
         try:
             path = ckpt_lib.save_checkpoint(workdir, state, at_step, keep=int(tc.keep_checkpoints))
         except ckpt_lib.NonFiniteStateError as e:
             raise NonFiniteLossError(f"{e}; training stopped. The last good checkpoint ({saved['path'] or 'none yet'})"
                                      f" is kept; lower optim.lr") from None
-        saved.update(step=at_step, path=path)
         # the run's identity is recorded once this invocation has a checkpoint (a failed write changes nothing; a
         # kill right here leaves the previous config.json, which differs at most in resumable keys)
         current = None
@@ -230,6 +389,8 @@ def _train(config, workdir: str, device) -> dict:
 
     def stop_if_requested():
         signum = lifecycle.stop_requested()
+        if ctx.enabled:               # every rank stops at the same update, whichever rank got the signal
+            signum = int(ctx.max_value(signum or 0)) or None
         if signum is None:
             return
         name = lifecycle.signal_name(signum)
@@ -243,32 +404,64 @@ def _train(config, workdir: str, device) -> dict:
             msg = f"stopped by {name} before the first update: nothing to save"
         raise lifecycle.Stopped(signum, msg)
 
+    def forward(x, y):
+        if use_bf16:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                return loss_fn(net, x, y, train=True)
+        return loss_fn(net, x, y, train=True)
+
     seed = int(config.seed)
     from tqdm.auto import tqdm
     bar = tqdm(total=n_iters, initial=step, desc=f"train {config.name}", dynamic_ncols=True,
-               disable=None if tc.progress else True)
+               disable=None if tc.progress and ctx.is_main else True)
     interval_loss, interval_n, t_last, step_last = 0.0, 0, time.perf_counter(), step
     last_loss = float("nan")
     try:
         while step < n_iters:
             stop_if_requested()
-            # everything random in update `step` comes from (seed, step)
-            torch.manual_seed(mix_seed(seed, 0x57E9, step))
-            x, y = dataset.batch(step, batch_size, seed)
-            x = scaler(x.to(device, non_blocking=True))
-            y = y.to(device) if int(config.model.num_classes) > 0 else None
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
-            loss = loss_fn(model, x, y, train=True)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) at step {step}: training stopped. The last good checkpoint "
-                    f"({saved['path'] or 'none yet'}) is kept; lower optim.lr, raise training.eps or check the data.")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            failure, loss_sum, pending = None, 0.0, None
+            try:
+                x_all, y_all = dataset.batch(step, batch_size, seed)
+                for a in range(accum):
+                    j = ctx.rank * accum + a            # this micro-batch's index in the global batch
+                    # everything random in micro-batch j of update `step` comes from (seed, step, j)
+                    torch.manual_seed(mix_seed(seed, 0x57E9, step) if j == 0 else mix_seed(seed, 0x57E9, step, j))
+                    x = scaler(x_all[j * micro:(j + 1) * micro].to(device, non_blocking=True))
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = y_all[j * micro:(j + 1) * micro].to(device) if int(config.model.num_classes) > 0 else None
+                    loss = forward(x, y)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({loss_value}) at step {step}"
+                            + (f" on rank {ctx.rank}" if ctx.enabled else "")
+                            + f": training stopped. The last good checkpoint ({saved['path'] or 'none yet'}) is "
+                              f"kept; lower optim.lr, raise training.eps or check the data.")
+                    loss_sum += loss_value
+                    scaled = loss / accum if accum > 1 else loss
+                    if ctx.enabled and a == accum - 1:
+                        pending = scaled                 # its backward all-reduces: first agree that all is well
+                    elif ctx.enabled:
+                        with net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext():
+                            scaled.backward()
+                    else:
+                        scaled.backward()
+            except Exception as e:    # noqa: BLE001 — handed to every rank by check()
+                failure = e
+            if ctx.enabled:
+                loss_sum, failed = ctx.sum_values([loss_sum, 1.0 if failure is not None else 0.0])
+                if failed > 0:
+                    ctx.check(failure, f"update {step + 1}")
+                pending.backward()
+            elif failure is not None:
+                raise failure
+            loss_value = loss_sum / micro_batches
             clip = float(config.optim.grad_clip)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
             grad_norm = float(grad_norm)
@@ -294,24 +487,32 @@ def _train(config, workdir: str, device) -> dict:
                     writer.add_scalar("train/grad_norm", grad_norm, step)
                     writer.add_scalar("train/steps_per_sec", sps, step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
-                logging.info("step %d: loss %.5f, lr %.3g, grad norm %.3g, %.2f steps/s", step, mean_loss, lr,
-                             grad_norm, sps)
+                if ctx.is_main:
+                    logging.info("step %d: loss %.5f, lr %.3g, grad norm %.3g, %.2f steps/s", step, mean_loss, lr,
+                                 grad_norm, sps)
                 interval_loss, interval_n, t_last, step_last = 0.0, 0, now, step
 
             if step % int(tc.checkpoint_freq) == 0 or step == n_iters:
                 save(step)
             snap = int(tc.snapshot_freq)
             if tc.snapshot_sampling and snap > 0 and step % snap == 0:
-                try:
-                    _snapshot(config, sde, ema.model, writer, workdir, step, device)
-                except FloatingPointError as e:      # solvers.NonFiniteError: the model has diverged
-                    raise NonFiniteLossError(
-                        f"the snapshot samples at step {step} are not finite ({str(e).splitlines()[0]}): the model "
-                        f"has diverged; training stopped (checkpoint {saved['path']} kept); lower optim.lr") from None
+                failure = None
+                if ctx.is_main:
+                    try:
+                        _snapshot(config, sde, ema.model, writer, workdir, step, device)
+                    except FloatingPointError as e:      # solvers.NonFiniteError: the model has diverged
+                        failure = NonFiniteLossError(
+                            f"the snapshot samples at step {step} are not finite ({str(e).splitlines()[0]}): the "
+                            f"model has diverged; training stopped (checkpoint {saved['path']} kept); lower optim.lr")
+                    except Exception as e:               # noqa: BLE001 — handed to every rank by check()
+                        failure = e
+                ctx.check(failure, f"the snapshot of step {step}")
     finally:
         bar.close()
         if writer is not None:
             writer.flush()
             writer.close()
-    logging.info("training done at step %d (loss %.5f); checkpoint %s", step, last_loss, saved["path"])
-    return {"step": step, "loss": last_loss, "checkpoint": saved["path"], "nothing_to_do": False}
+    if ctx.is_main:
+        logging.info("training done at step %d (loss %.5f); checkpoint %s", step, last_loss, saved["path"])
+    return {"step": step, "loss": last_loss, "checkpoint": saved["path"], "nothing_to_do": False,
+            "world_size": ctx.world_size}
