@@ -1,4 +1,6 @@
-"""Denoising score matching: the continuous-time loss, DDPM's discrete epsilon-loss and SMLD's discrete loss.
+"""Training losses, a registry by name (``training.loss``): denoising score matching (``dsm``, continuous time),
+DDPM's discrete epsilon-loss (``ddpm``), SMLD's discrete loss (``smld``), conditional flow matching (``fm``, optionally
+with minibatch optimal-transport coupling) and the EDM loss (``edm``).
 
 For x_t = a(t) x0 + sigma(t) z the conditional score is grad log p_{0t}(x_t | x0) = -z / sigma(t), so the
 continuous-time objective (Song et al. 2021, eq. 7) is
@@ -11,10 +13,28 @@ dimensions, ``"sum"`` sums them; the batch is always averaged.
 
 Its minimum over all functions s is attained at the true score s = grad log p_t and equals
 E_t lambda(t) (E||z / sigma||^2 - E||grad log p_t(x_t)||^2) — tests compare against that.
+
+**Conditional flow matching** (Lipman et al. 2023, eq. 9 / 23; Liu et al. 2023, eq. 1): regress the model's velocity
+(``Prediction.velocity``, whatever output it declares) onto the path's conditional velocity
+
+    L = E_{t ~ U(eps, T)} E_{x0, z} || v_theta(x_t, t) - (a'(t) x0 + sigma'(t) z) ||^2,   x_t = a x0 + sigma z,
+
+which is z - x0 on the linear interpolant.  Its minimum, at v = E[a' x0 + sigma' z | x_t] (the probability-flow
+velocity), is E_t E || u - E[u | x_t] ||^2 = E_t (a' sigma - sigma' a)^2 / sigma^2 E tr Cov(x0 | x_t) (u = (a' -
+sigma' a / sigma) x0 + (sigma' / sigma) x_t).  ``ot=True`` (Tong et al. 2024, minibatch OT-CFM; Pooladian et al.
+2023): the batch's noise is first re-paired with its data by the exact optimal assignment of the squared distances
+(``scipy.optimize.linear_sum_assignment``), which keeps both marginals and straightens the paths.
+
+**EDM loss** (Karras et al. 2022, eq. 2 / 8 and Table 1): ln sigma ~ N(P_mean, P_std^2) (P_mean = -1.2, P_std = 1.2),
+x = x0 + sigma z, and lambda(sigma) || D(x; sigma) - x0 ||^2 with
+lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+On any Gaussian path sigma is its noise-to-signal ratio sigma / a = e^{-lambda(t)}: the model is evaluated at
+t = t_from_log_snr(-ln sigma), x_t = a(t) (x0 + sigma z), D = its x0 prediction.  Minimum: E_sigma lambda(sigma)
+E tr Cov(x0 | x) — for data N(mu, sigma_data^2 I) exactly 1 per dimension (``reduce="mean"``).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -22,9 +42,9 @@ from .sdes import SDE, VESDE, VPSDE, expand_as_batch
 
 Tensor = torch.Tensor
 
-__all__ = ["dsm_loss", "ddpm_loss", "smld_loss", "get_loss_fn", "LOSSES", "WEIGHTINGS"]
+__all__ = ["dsm_loss", "ddpm_loss", "smld_loss", "fm_loss", "edm_loss", "ot_coupling", "get_loss_fn",
+           "register_loss", "available_losses", "LOSSES", "WEIGHTINGS"]
 
-LOSSES = ("dsm", "ddpm", "smld")
 WEIGHTINGS = ("uniform", "likelihood")
 
 
@@ -113,17 +133,142 @@ def _discrete_noise_loss(sde, noise_fn, x0: Tensor, a_table: Tensor, std_table: 
     return _reduce((noise_fn(xt, t, std) - z) ** 2, reduce)
 
 
+def ot_coupling(x0: Tensor, z: Tensor) -> Tensor:
+    """z re-ordered so that pairing x0[i] with the result's row i minimises sum_i ||x0_i - z_pi(i)||^2 over all
+    permutations pi: the exact optimal transport plan between the two empirical measures of the batch (for equal
+    weights an optimal plan is a permutation; Birkhoff–von Neumann), found by the Hungarian-type solver
+    ``scipy.optimize.linear_sum_assignment``."""
+    from scipy.optimize import linear_sum_assignment
+    cost = torch.cdist(x0.reshape(x0.shape[0], -1).double(), z.reshape(z.shape[0], -1).double()) ** 2
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return z[torch.as_tensor(cols[rows.argsort()], device=z.device)]
+
+
+def fm_loss(sde: SDE, model, x0: Tensor, *, eps: float = 1e-5, reduce: str = "mean", ot: bool = False,
+            generator: Optional[torch.Generator] = None, t: Optional[Tensor] = None,
+            z: Optional[Tensor] = None) -> Tensor:
+    """Per-example conditional flow-matching loss, shape (B,) (module doc).
+
+    Args:
+        sde: the Gaussian path (``marginal_coeffs``, ``marginal_coeffs_dt``).
+        model: a ``prediction.Model`` (``networks.get_model(sde, net, train=True)``) of any declared output; its
+            ``velocity`` is regressed.
+        x0: data (B, *D).
+        eps: t ~ U(eps, T).
+        ot: pair the noise with the data by minibatch optimal transport first.
+        generator, t, z: as in ``dsm_loss``.
+    """
+    B = x0.shape[0]
+    if t is None:
+        t = eps + (sde.T - eps) * torch.rand(B, generator=generator, dtype=x0.dtype, device=x0.device)
+    if z is None:
+        z = _randn_like(x0, generator)
+    if ot:
+        z = ot_coupling(x0, z)
+    t64 = t.to(torch.float64)
+    a, s = (expand_as_batch(c.to(x0.dtype), x0) for c in sde.marginal_coeffs(t64))
+    da, ds = (expand_as_batch(c.to(x0.dtype), x0) for c in sde.marginal_coeffs_dt(t64))
+    xt = a * x0 + s * z
+    target = da * x0 + ds * z                     # conditional velocity d/dt (a x0 + sigma z) (Lipman et al., eq. 21)
+    return _reduce((model.predict(sde, xt, t).velocity - target) ** 2, reduce)
+
+
+def edm_loss(sde: SDE, model, x0: Tensor, *, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
+             reduce: str = "mean", generator: Optional[torch.Generator] = None, sigma: Optional[Tensor] = None,
+             z: Optional[Tensor] = None) -> Tensor:
+    """Per-example EDM loss lambda(sigma) ||D(x; sigma) - x0||^2, shape (B,) (module doc; Karras et al. 2022, eq. 2
+    and Table 1).  ``model``: a ``prediction.Model`` (any output; its ``x0`` is D).  ``sigma`` (B,): noise-to-signal
+    ratios to use instead of the log-normal draw."""
+    B = x0.shape[0]
+    if sigma is None:
+        n = torch.randn(B, generator=generator, dtype=x0.dtype, device=x0.device)
+        sigma = torch.exp(P_mean + P_std * n)                     # ln sigma ~ N(P_mean, P_std^2) (Table 1)
+    if z is None:
+        z = _randn_like(x0, generator)
+    sig64 = sigma.to(torch.float64)
+    t = sde.t_from_log_snr(-torch.log(sig64))                     # the path's time with sigma(t) / a(t) = sigma
+    a, _ = sde.marginal_coeffs(t)
+    xt = expand_as_batch(a.to(x0.dtype), x0) * (x0 + expand_as_batch(sigma, x0) * z)   # x = a (x0 + sigma z)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2                  # lambda(sigma), Table 1
+    d = model.predict(sde, xt, t.to(x0.dtype)).x0
+    return weight * _reduce((d - x0) ** 2, reduce)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+#: name -> builder(config, sde) returning ``per_example(model, x0, labels, train, generator) -> (B,)``
+_LOSSES: Dict[str, Callable] = {}
+
+
+def register_loss(name: str):
+    """Decorator: ``builder(config, sde)`` becomes ``training.loss = name``."""
+    def deco(builder):
+        if name in _LOSSES:
+            raise ValueError(f"a loss named {name!r} is already registered")
+        _LOSSES[name] = builder
+        return builder
+    return deco
+
+
+def available_losses():
+    return sorted(_LOSSES)
+
+
+@register_loss("dsm")
+def _build_dsm(config, sde):
+    from .networks import get_score_fn
+    tc = config.training
+    return lambda model, x0, labels, train, generator: dsm_loss(
+        sde, get_score_fn(sde, model, train=train, y=labels), x0, eps=tc.eps, weighting=tc.weighting,
+        reduce=tc.reduce, generator=generator)
+
+
+@register_loss("ddpm")
+def _build_ddpm(config, sde):
+    from .networks import get_noise_fn
+    return lambda model, x0, labels, train, generator: ddpm_loss(
+        sde, get_noise_fn(model, train=train, y=labels), x0, reduce=config.training.reduce, generator=generator)
+
+
+@register_loss("smld")
+def _build_smld(config, sde):
+    from .networks import get_noise_fn
+    return lambda model, x0, labels, train, generator: smld_loss(
+        sde, get_noise_fn(model, train=train, y=labels), x0, reduce=config.training.reduce, generator=generator)
+
+
+@register_loss("fm")
+def _build_fm(config, sde):
+    from .networks import get_model
+    tc = config.training
+    return lambda model, x0, labels, train, generator: fm_loss(
+        sde, get_model(sde, model, train=train, y=labels), x0, eps=tc.eps, reduce=tc.reduce,
+        ot=bool(tc.get("fm_ot", False)), generator=generator)
+
+
+@register_loss("edm")
+def _build_edm(config, sde):
+    from .networks import get_model
+    tc = config.training
+    return lambda model, x0, labels, train, generator: edm_loss(
+        sde, get_model(sde, model, train=train, y=labels), x0, sigma_data=float(config.model.get("sigma_data", 0.5)),
+        P_mean=float(tc.get("P_mean", -1.2)), P_std=float(tc.get("P_std", 1.2)), reduce=tc.reduce,
+        generator=generator)
+
+
+LOSSES = ("dsm", "ddpm", "smld", "fm", "edm")
+
+
 def get_loss_fn(config, sde: SDE) -> Callable:
     """``loss_fn(model, x0, y=None, train=True, generator=None) -> scalar``, the batch mean of the loss named by
-    ``config.training.loss`` (``dsm`` with ``training.weighting``/``training.reduce``/``training.eps``, ``ddpm``,
-    ``smld``).  For class-conditional models (``model.num_classes > 0``) labels are dropped to the null label with
-    probability ``training.p_uncond`` when ``train`` is set."""
-    from .networks import get_noise_fn, get_score_fn
-
+    ``config.training.loss`` (``available_losses()``: ``dsm`` with ``training.weighting``/``training.reduce``/
+    ``training.eps``, ``ddpm``, ``smld``, ``fm`` with ``training.fm_ot``, ``edm`` with ``training.P_mean``/
+    ``training.P_std`` and ``model.sigma_data``).  For class-conditional models (``model.num_classes > 0``) labels are
+    dropped to the null label with probability ``training.p_uncond`` when ``train`` is set."""
     tc = config.training
     kind = tc.loss
-    if kind not in LOSSES:
-        raise ValueError(f"unknown training.loss {kind!r}; available: {', '.join(LOSSES)}")
+    if kind not in _LOSSES:
+        raise ValueError(f"unknown training.loss {kind!r}; available: {', '.join(available_losses())}")
+    per_example = _LOSSES[kind](config, sde)
     num_classes = int(config.model.num_classes)
     p_uncond = float(tc.p_uncond)
 
@@ -137,15 +282,5 @@ def get_loss_fn(config, sde: SDE) -> Callable:
                 if train and p_uncond > 0:
                     drop = torch.rand(labels.shape[0], generator=generator, device=x0.device) < p_uncond
                     labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-        if kind == "dsm":
-            score_fn = get_score_fn(sde, model, train=train, y=labels)
-            losses = dsm_loss(sde, score_fn, x0, eps=tc.eps, weighting=tc.weighting, reduce=tc.reduce,
-                              generator=generator)
-        elif kind == "ddpm":
-            losses = ddpm_loss(sde, get_noise_fn(model, train=train, y=labels), x0, reduce=tc.reduce,
-                               generator=generator)
-        else:
-            losses = smld_loss(sde, get_noise_fn(model, train=train, y=labels), x0, reduce=tc.reduce,
-                               generator=generator)
-        return losses.mean()
+        return per_example(model, x0, labels, train, generator).mean()
     return loss_fn

@@ -520,3 +520,6 @@ class BrownianSDE(SDE):
 
     def _repr_args(self):
         return {"D": self.D, "T": self._T, "N": self.N}
+
+
+from . import interpolants  # noqa: E402,F401  (registers linear, cosine, edm)

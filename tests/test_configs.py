@@ -19,7 +19,7 @@ def test_named_configs_are_complete(name):
         assert c.model.num_classes == 0 and c.training.p_uncond == 0.0
     assert c.sampling.method in solvers.available() and c.sampling.num_steps >= 1
     assert set(sampler_options(c)) <= set(solvers.get_sampler(c.sampling.method).options)
-    assert c.model.parameterization in ("noise", "score", "direct")
+    assert c.model.parameterization in ("noise", "score", "direct", "x0", "v", "velocity")
     assert isinstance(configs.build_sde(c), sdes.SDE)
 
 

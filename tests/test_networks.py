@@ -136,7 +136,7 @@ def test_registry():
     with pytest.raises(ValueError, match="unknown network"):
         networks.get_network(c)
     c = configs.get_config("toy_2d")
-    configs.apply_overrides(c, {"model.parameterization": "x0"})
+    configs.apply_overrides(c, {"model.parameterization": "epsilon"})
     with pytest.raises(ValueError, match="parameterization"):
         networks.get_network(c)
 

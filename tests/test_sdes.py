@@ -181,7 +181,7 @@ def test_vp_is_time_changed_ou():
 def test_get_sde_and_bad_input():
     assert isinstance(sdes.get_sde("vp", beta_max=10.0), sdes.VPSDE)
     assert isinstance(sdes.get_sde("VESDE"), sdes.VESDE)
-    assert set(sdes.available_sdes()) == {"vpsde", "subvpsde", "vesde", "ou", "brownian"}
+    assert set(sdes.available_sdes()) == {"vpsde", "subvpsde", "vesde", "ou", "brownian", "linear", "cosine", "edm"}
     with pytest.raises(ValueError, match="available"):
         sdes.get_sde("vpp")
     with pytest.raises(ValueError):

@@ -232,12 +232,13 @@ def test_adaptive_nfe_counts_every_evaluation():
         calls[0] += 1
         return target.score_fn(sde)(x, t)
 
-    res = solvers.sample(sde, counted, (4, 1), "rk45", 1, denoise=False)
+    x_T = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))      # one start: the same adaptive path twice
+    res = solvers.sample(sde, counted, (4, 1), "rk45", 1, denoise=False, x_init=x_T)
     assert res.nfe == calls[0] > 6
     st = res.stats
     # Dormand–Prince: 2 calls to choose the first step, then 6 per attempted step
     assert st["nfev"] == res.nfe == 2 + 6 * (st["accepted"] + st["rejected"]) and st["accepted"] >= 1
-    assert solvers.sample(sde, counted, (4, 1), "rk45", 1).nfe == res.nfe + 1      # + the jump to x0_hat
+    assert solvers.sample(sde, counted, (4, 1), "rk45", 1, x_init=x_T).nfe == res.nfe + 1   # + the jump to x0_hat
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -2,8 +2,8 @@
 
 * ``get_config(name_or_path)`` — a named config (``vp_cifar``, ``subvp_cifar``, ``ve_cifar``, ``vp_digits``,
   ``toy_2d``, ``toy_1d``; class-conditional ``vp_digits_cond``, ``vp_cifar_cond``; time-dependent classifiers for
-  classifier guidance ``digits_classifier``, ``cifar_classifier``), a Python file defining ``get_config()``, or a JSON
-  file (e.g. a run's ``config.json``).
+  classifier guidance ``digits_classifier``, ``cifar_classifier``; flow matching ``fm_digits``, EDM ``edm_digits``), a
+  Python file defining ``get_config()``, or a JSON file (e.g. a run's ``config.json``).
 * ``apply_overrides(config, ["training.batch_size=8", ...])`` — typed overrides with errors that name the closest
   valid keys (difflib) and the expected type.
 * ``build_sde(config)`` — the SDE named by ``config.training.sde`` with its parameters from ``config.model``.
@@ -21,7 +21,7 @@ from typing import Iterable, List, Mapping, Union
 import ml_collections
 
 CONFIG_NAMES = ("vp_cifar", "subvp_cifar", "ve_cifar", "vp_digits", "toy_2d", "toy_1d", "vp_digits_cond",
-                "vp_cifar_cond", "digits_classifier", "cifar_classifier")
+                "vp_cifar_cond", "digits_classifier", "cifar_classifier", "fm_digits", "edm_digits")
 
 __all__ = ["get_config", "available_configs", "apply_overrides", "parse_override", "build_sde", "ConfigError",
            "config_from_json", "CONFIG_NAMES", "validate"]
@@ -267,8 +267,9 @@ def validate(config, mode: str = "train") -> None:
 
 # ------------------------------------------------------------------------------------------------- SDE
 def build_sde(config):
-    """The forward SDE of a config: ``config.training.sde`` (vp | subvp | ve | ou | brownian) with its parameters
-    from ``config.model`` (``beta_min``, ``beta_max``, ``num_scales``; ``sigma_min``, ``sigma_max``)."""
+    """The forward SDE of a config: ``config.training.sde`` (vp | subvp | ve | ou | brownian | linear | cosine | edm)
+    with its parameters from ``config.model`` (``beta_min``, ``beta_max``, ``num_scales``; ``sigma_min``,
+    ``sigma_max``; edm: ``sigma_max``)."""
     from ..sdes import get_sde
     name = config.training.sde.lower()
     m = config.model
@@ -276,5 +277,7 @@ def build_sde(config):
         return get_sde(name, beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales)
     if name in ("ve", "vesde"):
         return get_sde(name, sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
+    if name == "edm":      # EDM's path x0 + t eps on [0, sigma_max] (sde_diffusion.interpolants)
+        return get_sde(name, sigma_max=m.sigma_max, N=m.num_scales)
     kwargs = dict(m.get("sde_kwargs", {}) or {})
     return get_sde(name, N=m.num_scales, **kwargs)

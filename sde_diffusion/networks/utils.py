@@ -7,9 +7,13 @@ Output parameterisations (``model.parameterization``), for x_t = a(t) x0 + sigma
                eps_hat = -out.
 * ``direct`` — the network output is the score itself (NCSN without scaling):  score = out,
                eps_hat = -sigma(t) out.
+* ``x0``     — the clean data (EDM's denoiser D; ``networks.precond.EDMPrecond`` makes any network one).
+* ``v``      — Salimans & Ho's v = a~ eps - sigma~ x0 (``prediction`` generalises it to any path).
+* ``velocity`` — the flow-matching velocity a' x0 + sigma' eps (= eps - x0 on the linear interpolant).
 
 The first two differ only by a sign and by nothing a loss can see; they are kept apart because checkpoints from the
-two conventions are not interchangeable.
+two conventions are not interchangeable.  Every parameterisation maps to one declared output of ``prediction.Model``
+(``OUTPUT_OF``), which converts it into whatever a sampler or a loss asks for.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ from ..sdes import expand_as_batch
 
 Tensor = torch.Tensor
 
-PARAMETERIZATIONS = ("noise", "score", "direct")
+PARAMETERIZATIONS = ("noise", "score", "direct", "x0", "v", "velocity")
+#: the ``prediction.Model`` output each parameterisation declares (``score`` is declared as eps = -out)
+OUTPUT_OF = {"noise": "eps", "score": "eps", "direct": "score", "x0": "x0", "v": "v", "velocity": "velocity"}
+#: the parameterisations whose output converts to the noise without the path's (a, sigma): DDPM's / SMLD's losses
+NOISE_PARAMETERIZATIONS = ("noise", "score", "direct")
 
 
 def check_parameterization(name: str) -> str:
@@ -55,6 +63,9 @@ def get_noise_fn(model: nn.Module, train: bool = False, y=None,
     (dropout); gradients are not switched off here — wrap calls in ``torch.no_grad()`` when you need none.
     """
     param = check_parameterization(parameterization or getattr(model, "parameterization", "noise"))
+    if param not in NOISE_PARAMETERIZATIONS:
+        raise ValueError(f"model.parameterization {param!r} needs the path to give the noise (the ddpm / smld losses "
+                         f"train {', '.join(NOISE_PARAMETERIZATIONS)}): use training.loss = dsm, fm or edm")
 
     def noise_fn(x, t, std):
         model.train(train)
@@ -87,8 +98,9 @@ def get_model(sde, model: nn.Module, train: bool = False, y=None, parameterizati
     """The ``prediction.Model`` of a network under ``sde``: what ``solvers.sample`` takes.
 
     The output is declared from ``model.parameterization`` (``noise`` -> eps, ``score`` -> eps = -out, ``direct`` ->
-    score); the time convention from ``model.time_convention`` (set by ``get_network``: ``discrete`` for networks
-    trained with DDPM's or SMLD's loss, which see t_i = i T / (N - 1) at level i).  ``train``: dropout on; ``y``:
+    score, ``x0``, ``v``, ``velocity`` as themselves; ``OUTPUT_OF``); the time convention from
+    ``model.time_convention`` (set by ``get_network``: ``discrete`` for networks trained with DDPM's or SMLD's loss,
+    which see t_i = i T / (N - 1) at level i; those must predict the noise).  ``train``: dropout on; ``y``:
     labels of a class-conditional network (an int, an int64 tensor (B,), or None for the null label)."""
     param = check_parameterization(parameterization or getattr(model, "parameterization", "noise"))
     convention = time_convention or getattr(model, "time_convention", "continuous")
@@ -100,7 +112,10 @@ def get_model(sde, model: nn.Module, train: bool = False, y=None, parameterizati
         out = model(x, t, _labels(y, x))
         return -out if param == "score" else out
 
-    output = "score" if param == "direct" else "eps"
+    output = OUTPUT_OF[param]
+    if convention == "discrete" and param not in NOISE_PARAMETERIZATIONS:
+        raise ValueError(f"a discrete-time model (trained with DDPM's or SMLD's loss) must predict the noise, got "
+                         f"model.parameterization {param!r}")
     if convention == "continuous":
         return Model(fn, output)
     scale = sde.T / max(sde.N - 1, 1)
