@@ -173,6 +173,7 @@ def _run() -> int:
                 absl_logging.set_verbosity(absl_logging.WARNING)
             try:
                 out = train(config, FLAGS.workdir, device=FLAGS.device)
+                distributed.synchronize()          # success on every rank: tear the group down together
             finally:
                 distributed.shutdown()
             if not ctx.is_main:

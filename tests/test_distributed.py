@@ -241,3 +241,17 @@ def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(tmp_path):
     assert lines[0].startswith("error: rank 1 of 2 failed during update 4: non-finite loss (nan) at step 3 on rank 1")
     # nothing of the failed update was saved; the run never reached a checkpoint
     assert not os.path.exists(tmp_path / "w" / "checkpoints") or not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_a_finished_run_is_a_clean_no_op_on_every_rank(two_ranks):
+    """Re-running a finished 2-rank run: rank 0 says "nothing to do", both ranks reach the barrier and tear the gloo
+    group down together (a rank destroying the group first used to abort its peer with SIGABRT), exit 0, and the
+    workdir's checkpoints are unchanged."""
+    workdir, _ = two_ranks
+    ckpts = os.path.join(workdir, "checkpoints")
+    before = {n: os.path.getmtime(os.path.join(ckpts, n)) for n in os.listdir(ckpts)}
+    for _ in range(3):
+        p = _torchrun(workdir)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "nothing to do" in p.stdout + p.stderr and "Aborted" not in p.stderr
+    assert {n: os.path.getmtime(os.path.join(ckpts, n)) for n in os.listdir(ckpts)} == before

@@ -153,6 +153,16 @@ def current() -> Context:
     return _CONTEXT
 
 
+def synchronize() -> None:
+    """A barrier across the ranks (no-op in one process): every rank reaches the end before any tears the group
+    down.  Without it a rank that finishes early (e.g. "nothing to do") can destroy a gloo group while its peer is
+    still connected, which aborts the peer ("terminate called without an active exception")."""
+    if _CONTEXT.enabled:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def shutdown() -> None:
     global _CONTEXT
     if _CONTEXT.enabled:
