@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["sde_diffusion", "sde_diffusion.*", "solvers", "solvers.*"]),
     include_package_data=True,
+    # `sde-diffusion train|sample|eval|train_classifier ...`: the same flags as `python main.py --mode ...`
+    entry_points={"console_scripts": ["sde-diffusion = sde_diffusion.cli:run"]},
     # Install PyTorch for your platform first (https://pytorch.org); any torch >= 2.1 works.
     install_requires=[
         "torch>=2.1",
@@ -26,5 +28,6 @@ setup(
     # dev: the test suite, and the peers our samplers are checked against (diffusers' schedulers need no torch
     # extra; torchdiffeq is what k-diffusion's sampling module imports — k-diffusion itself installs with --no-deps,
     # see .ci/run, since its other dependencies pull torchvision and a newer torch)
-    extras_require={"dev": ["pytest>=7", "diffusers>=0.27", "torchdiffeq>=0.2"]},
+    # setuptools >= 70.1 builds wheels by itself (tests/test_packaging.py builds one without build isolation)
+    extras_require={"dev": ["pytest>=7", "diffusers>=0.27", "torchdiffeq>=0.2", "setuptools>=70.1"]},
 )
