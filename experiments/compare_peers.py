@@ -8,7 +8,14 @@ the solver's, not the grid's):
   ``compare_solvers.gauss_target``); error = KL(N(sample mean, sample cov) || truth).
 * ``ring``: eight Gaussians (std 0.1) on the unit circle (``compare_solvers.ring_target``); error = sliced W1 to exact
   draws, with the mode weights' total-variation error beside it.
-A noise-floor row scores fresh exact samples the same way (mean of five draws).
+A noise-floor row scores fresh exact samples the same way (mean of five draws).  Those sample metrics cannot tell two
+samplers apart once both are near the floor (at 20 NFE the best peer is within 1.1-1.6x of it), so every deterministic
+sampler is also scored without a floor, by its **flow-map error**: the whitened RMS distance
+sqrt(E || Sigma^{-1/2} (x - x_ref) ||^2) between its sample and the exact probability-flow endpoint x_ref of the same
+prior draw (Sigma: the target's covariance).  ``gauss``: x_ref in closed form (for N(0, Sigma) the flow from T to eps
+scales each eigendirection by C_eps / C_T, C_t = sqrt(a_t^2 var + sigma_t^2), then Tweedie's jump E[x0 | x_eps]);
+``ring``: x_ref from third-order UniPC on 800 log-SNR steps in float64 (its distance to 400 steps is printed: the
+reference's own error).
 
 Peers, each fed the exact model at its own noise levels:
 
@@ -25,11 +32,14 @@ Peers, each fed the exact model at its own noise levels:
   fed the exact denoiser D(x, sigma) on the VE-normalised variable x / a with sigma = sigma(t)/a(t), sigma_min =
   that of eps, sigma_max that of T.  dpm_adaptive stops at sigma_min: one more call denoises (counted).
 * ours: every method in ``solvers.available()`` with each of its variants on the ``edm`` and ``logsnr`` grids;
-  adaptive ones (``fixed_steps`` false) over a tolerance ladder.  New samplers join automatically.
+  adaptive ones (``fixed_steps`` false) over a tolerance ladder.  New samplers join automatically.  The multistep
+  exponential integrators (DPM-Solver++ 2M / 3M, UniPC-2 / 3) also run on the ``optimized`` grid (fitted to each
+  sampler and rung on 256 pilot draws of its own, not the benchmark's draw) at rungs up to ``--optimized-max-nfe``.
 
 The NFE is counted, not assumed: each fixed-grid sampler (ours or a peer) takes the largest number of steps whose NFE
 does not exceed the rung (5, 10, 20, 50, 100); an adaptive run counts at a rung when its NFE is within it.  The
-summary gives, per rung, our best error, the best peer's, and their ratio (the aim: at most 1/2 at 10 and 20 NFE).
+summary gives, per rung, our best error, the best peer's, and their ratio (the aim: at most 1/2 at 10 and 20 NFE), for
+the sample metric and for the flow-map error.
 
 ``python -m experiments.compare_peers [--quick] [--out DIR] [--targets gauss,ring] [--samples N] [--nfe 5,10,...]``
 """
@@ -47,7 +57,7 @@ import torch
 
 import solvers
 from experiments._common import Checks, Report, Table, fmt, make_parser, parse_and_run, prepare_out, progress, pyplot
-from experiments.compare_solvers import Target, gauss_target, ring_target, sampler_configs
+from experiments.compare_solvers import SamplerConfig, Target, gauss_target, ring_target, sampler_configs
 from sde_diffusion import sdes
 
 NAME = "compare_peers"
@@ -55,6 +65,49 @@ EPS = 1e-5
 SCHEDULES = ("edm", "logsnr")
 #: adaptive tolerances (rtol; atol = rtol / 6, the ratio of the Gotta-Go-Fast defaults 0.05 / 0.0078), loose first
 TOLS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 1e-3, 3e-4, 1e-4)
+#: our deterministic samplers that also run on the ``optimized`` grid (method, options to match)
+OPTIMIZED = (("dpm_solver", {"order": 2, "variant": "multistep", "prediction": "x0"}),
+             ("dpm_solver", {"order": 3, "variant": "multistep", "prediction": "x0"}),
+             ("unipc", {"order": 2}), ("unipc", {"order": 3}))
+
+
+# ================================================================================================ flow-map reference
+def _mixture_cov(dist) -> torch.Tensor:
+    w, mu = dist.weights.double(), dist.means.double()
+    m = (w[:, None] * mu).sum(0)
+    d = mu - m
+    return (w[:, None, None] * (dist.covs.double() + d[:, :, None] * d[:, None, :])).sum(0)
+
+
+class FlowReference:
+    """The exact probability-flow endpoint of each prior draw and the whitened distance to it."""
+
+    def __init__(self, target: Target, sde, score_fn, z: torch.Tensor):
+        dist = target.dist
+        cov = dist.cov.double() if hasattr(dist, "cov") else _mixture_cov(dist)
+        var, self.Q = torch.linalg.eigh(cov)
+        self.scale = var.sqrt()
+        self.note = ""
+        if hasattr(dist, "cov"):                    # Gaussian: closed form
+            mean = dist.mean.double()
+            a_T, s_T = (float(v) for v in sde.marginal_coeffs(torch.tensor(sde.T, dtype=torch.float64)))
+            a_e, s_e = (float(v) for v in sde.marginal_coeffs(torch.tensor(EPS, dtype=torch.float64)))
+            zq = (z.double() - a_T * mean) @ self.Q
+            xe = ((a_e ** 2 * var + s_e ** 2).sqrt() / (a_T ** 2 * var + s_T ** 2).sqrt()) * zq     # x_eps - a_e mean
+            x0q = a_e * var / (a_e ** 2 * var + s_e ** 2) * xe                                      # Tweedie
+            self.ref = mean + x0q @ self.Q.T
+            self.note = "closed form"
+        else:
+            def solve(steps):
+                with torch.no_grad():
+                    return solvers.sample(sde, score_fn, tuple(z.shape), "unipc", steps, x_init=z.double(), eps=EPS,
+                                          schedule="logsnr", dtype=torch.float64, order=3).samples
+            self.ref = solve(800)
+            self.note = f"UniPC-3, 800 log-SNR steps, float64 (distance to 400 steps: {self(solve(400)):.2g})"
+
+    def __call__(self, x) -> float:
+        d = (x.double().reshape(self.ref.shape) - self.ref) @ self.Q / self.scale
+        return float(d.pow(2).sum(1).mean().sqrt())
 
 
 # ================================================================================================ peers: imports
@@ -313,12 +366,23 @@ def adaptive_options(method: str, tol: float) -> Optional[Dict]:
     return None
 
 
-COLUMNS = ["family", "sampler", "schedule", "steps / tol", "NFE target", "NFE used", "error", "extra", "wall s",
-           "status"]
+COLUMNS = ["family", "sampler", "schedule", "steps / tol", "NFE target", "NFE used", "error", "flow-map error",
+           "extra", "wall s", "status"]
+
+
+def _stochastic(cfg) -> bool:
+    if isinstance(cfg, Peer):
+        return cfg.stochastic
+    return solvers.get_sampler(cfg.method).stochastic(cfg.options)
+
+
+def _optimized_for(cfg: SamplerConfig) -> bool:
+    return cfg.fixed and any(cfg.method == m and all(cfg.options.get(k, v) == v for k, v in o.items())
+                             and all(k in o for k in cfg.options) for m, o in OPTIMIZED)
 
 
 def study(target: Target, sde, ladder, n: int, seed: int, table: Table, show: bool, quick: bool,
-          our_configs, peers: List[Peer]):
+          our_configs, peers: List[Peer], optimized_max_nfe: int = 20, fit: Optional[Dict] = None):
     score_fn = target.dist.score_fn(sde)
     floors, fx = [], {}
     for k in range(5):
@@ -332,15 +396,18 @@ def study(target: Target, sde, ladder, n: int, seed: int, table: Table, show: bo
     z = torch.randn(n, target.dim, generator=torch.Generator().manual_seed(seed * 100003 + 17))   # one prior draw
     run_seed = seed * 7 + 3
     records = []
+    flow = FlowReference(target, sde, score_fn, z)
+    table.add(family="-", sampler=f"flow-map reference: {flow.note}", status="ok")
 
-    def record(family, label, schedule, arg, N, x, nfe, wall, status, fixed):
+    def record(family, label, schedule, arg, N, x, nfe, wall, status, fixed, deterministic=False):
         err = target.error_fn(x) if x is not None else math.inf
+        ferr = (flow(x) if x is not None else math.inf) if deterministic else None
         ex = target.extras(x) if (x is not None and target.extras) else {}
         table.add(family=family, sampler=label, schedule=schedule, **{"steps / tol": arg, "NFE target": N,
-                                                                      "NFE used": nfe}, error=err, extra=_extra(ex),
-                  **{"wall s": wall}, status=status)
+                                                                      "NFE used": nfe}, error=err,
+                  **{"flow-map error": ferr}, extra=_extra(ex), **{"wall s": wall}, status=status)
         records.append(dict(family=family, sampler=label, schedule=schedule, arg=arg, nfe_target=N, nfe=nfe,
-                            error=err, status=status, fixed=fixed))
+                            error=err, flow_error=ferr, status=status, fixed=fixed))
 
     top = max(ladder)
     adaptive_seen = set()
@@ -348,6 +415,8 @@ def study(target: Target, sde, ladder, n: int, seed: int, table: Table, show: bo
     for c in our_configs:
         if c.fixed:
             jobs += [("ours", c, s) for s in SCHEDULES]
+            if _optimized_for(c) and optimized_max_nfe >= min(ladder):
+                jobs.append(("ours", c, "optimized"))
             continue
         # the tolerance ladder replaces a variant's tolerances; its other options (e.g. order) still count
         key = (c.method, tuple(sorted((k, v) for k, v in c.options.items() if k not in TOL_OPTIONS)))
@@ -357,11 +426,15 @@ def study(target: Target, sde, ladder, n: int, seed: int, table: Table, show: bo
     jobs += [("peer", p, None) for p in peers]
     for family, cfg, schedule in progress(jobs, target.name, show):
         if family == "ours":
+            det = not _stochastic(cfg)
             if cfg.fixed:
                 for N in ladder:
+                    if schedule == "optimized" and N > optimized_max_nfe:
+                        continue
                     steps = max(1, (N - cfg.offset) // cfg.per_step)
-                    out = run_ours(sde, score_fn, z, cfg.method, cfg.options, steps, schedule, run_seed)
-                    record("ours", cfg.label, schedule, steps, N, *out, fixed=True)
+                    opts = dict(cfg.options, **(fit or {})) if schedule == "optimized" else cfg.options
+                    out = run_ours(sde, score_fn, z, cfg.method, opts, steps, schedule, run_seed)
+                    record("ours", cfg.label, schedule, steps, N, *out, fixed=True, deterministic=det)
             else:
                 rest = {k: v for k, v in cfg.options.items() if k not in TOL_OPTIONS}
                 label = cfg.method + (f"[{', '.join(f'{k}={v}' for k, v in rest.items())}]" if rest else "")
@@ -370,20 +443,21 @@ def study(target: Target, sde, ladder, n: int, seed: int, table: Table, show: bo
                     if opts is None:
                         break
                     out = run_ours(sde, score_fn, z, cfg.method, dict(rest, **opts), 1, "uniform", run_seed)
-                    record("ours", label, "adaptive", tol, None, *out, fixed=False)
+                    record("ours", label, "adaptive", tol, None, *out, fixed=False, deterministic=det)
                     if out[1] is not None and out[1] > 1.5 * top:
                         break
         else:
+            det = not _stochastic(cfg)
             if cfg.fixed:
                 for N in ladder:
                     steps = cfg.steps_for(N)
                     out = run_peer(cfg, steps, z, run_seed)
                     record(cfg.lib, cfg.label, "karras" if "karras" in cfg.label or cfg.lib == "k-diffusion"
-                           else "own", steps, N, *out, fixed=True)
+                           else "own", steps, N, *out, fixed=True, deterministic=det)
             else:
                 for tol in TOLS:
                     out = run_peer(cfg, tol, z, run_seed)
-                    record(cfg.lib, cfg.label, "adaptive", tol, None, *out, fixed=False)
+                    record(cfg.lib, cfg.label, "adaptive", tol, None, *out, fixed=False, deterministic=det)
                     if out[1] is not None and out[1] > 1.5 * top:
                         break
     return records, floor
@@ -393,11 +467,11 @@ def _extra(ex: Dict) -> str:
     return ", ".join(f"{k}: {fmt(v)}" for k, v in ex.items())
 
 
-def best_at(records, N, ours: bool):
-    """The best finite error with NFE <= N (fixed-grid rungs and adaptive runs alike)."""
+def best_at(records, N, ours: bool, key: str = "error"):
+    """The best finite ``key`` (error or flow_error) with NFE <= N (fixed-grid rungs and adaptive runs alike)."""
     rs = [r for r in records if (r["family"] == "ours") == ours and r["nfe"] is not None and r["nfe"] <= N
-          and math.isfinite(r["error"])]
-    return min(rs, key=lambda r: r["error"]) if rs else None
+          and r.get(key) is not None and math.isfinite(r[key])]
+    return min(rs, key=lambda r: r[key]) if rs else None
 
 
 def summary_table(target: Target, records, floor, ladder) -> Table:
@@ -410,6 +484,19 @@ def summary_table(target: Target, records, floor, ladder) -> Table:
                           "best peer": _who(p), "peer error": p["error"] if p else None,
                           "ours / peer": (o["error"] / p["error"]) if (o and p and p["error"] > 0) else None,
                           "ours / floor": (o["error"] / floor) if o else None})
+    return tab
+
+
+def flow_summary_table(target: Target, records, ladder) -> Table:
+    tab = Table(f"flow_summary_{target.name}", ["NFE", "best of ours", "our flow-map error", "best peer",
+                                                "peer flow-map error", "ours / peer"],
+                title=f"{target.name}: best flow-map error at NFE <= rung (deterministic samplers; no noise floor)")
+    for N in ladder:
+        o, p = best_at(records, N, True, "flow_error"), best_at(records, N, False, "flow_error")
+        tab.add(NFE=N, **{"best of ours": _who(o), "our flow-map error": o["flow_error"] if o else None,
+                          "best peer": _who(p), "peer flow-map error": p["flow_error"] if p else None,
+                          "ours / peer": (o["flow_error"] / p["flow_error"]) if (o and p and p["flow_error"] > 0)
+                          else None})
     return tab
 
 
@@ -452,6 +539,9 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument("--dim", type=int, default=None, help="dimension of the Gaussian (default 64; quick 16)")
     p.add_argument("--train-steps", type=int, default=100_000,
                    help="levels of the discrete table diffusers' schedulers sample (see the module doc)")
+    p.add_argument("--optimized-max-nfe", type=int, default=20,
+                   help="largest rung at which our multistep samplers also run on the fitted 'optimized' grid "
+                        "(0: never; the fit costs ~60 sampler runs per node on 256 pilot draws)")
     return parse_and_run(p, run, argv)
 
 
@@ -496,13 +586,18 @@ def run(args):
                 measure_peer(peer, target.dim)
         tab = Table(f"results_{name}", COLUMNS, title=f"{name}: {target.description}; error = {target.error_name}")
         t0 = time.perf_counter()
-        records, floor = study(target, sde, ladder, n, args.seed, tab, show, quick, configs, peers)
+        fit = {"pilot_samples": 64, "max_evals": 100} if quick else None
+        records, floor = study(target, sde, ladder, n, args.seed, tab, show, quick,
+                               [c for c in configs if not quick or c.method != "unipc"], peers,
+                               min(args.optimized_max_nfe, 10) if quick else args.optimized_max_nfe, fit)
         summary = summary_table(target, records, floor, ladder)
+        flow_summary = flow_summary_table(target, records, ladder)
         report.table(summary)
+        report.table(flow_summary)
         report.table(tab)
         report.note(f"_{name}: {time.perf_counter() - t0:.1f} s_")
         plot(plt, report, target, records, floor)
-        results[name] = dict(records=records, floor=floor, summary=summary.rows)
+        results[name] = dict(records=records, floor=floor, summary=summary.rows, flow_summary=flow_summary.rows)
         ok = [r for r in records if r["status"] == "ok"]
         check(len(ok) >= 0.8 * len(records), f"{name}: {len(ok)} of {len(records)} runs finished")
         for N in ladder:
@@ -510,6 +605,11 @@ def run(args):
             ratio = row["ours / peer"]
             check(ratio is not None and ratio <= 0.5,
                   f"{name}: at NFE {N} our best error is at most half the best peer's (ratio {fmt(ratio)})",
+                  strict=False)
+            frow = next(r for r in flow_summary.rows if r["NFE"] == N)
+            fratio = frow["ours / peer"]
+            check(fratio is not None and fratio <= 0.5,
+                  f"{name}: at NFE {N} our best flow-map error is at most half the best peer's (ratio {fmt(fratio)})",
                   strict=False)
         # the same algorithm on the same grid should give the same error: DPM-Solver++(2M) ours vs k-diffusion's
         ours2m = [r for r in records if r["sampler"].startswith("dpm_solver[order=2, variant=multistep")

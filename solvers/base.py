@@ -262,12 +262,12 @@ def _progress_callback(num_steps: int, method: str, user_callback):
 
 def _split_options(info: SamplerInfo, schedule: str, options: Dict[str, Any]):
     own = set(info.options)
-    sched = set(schedule_options(schedule)) - {"like"}
+    sched = set(schedule_options(schedule))
     unknown = sorted(set(options) - own - sched)
     if unknown:
         raise ValueError(f"method {info.name!r} got unknown option(s) {unknown}; it accepts {sorted(own)}"
                          + (f" and schedule {schedule!r} accepts {sorted(sched)}" if sched else ""))
-    # a name both take (e.g. ``order`` for DPM-Solver on the ``optimized`` grid) goes to both
+    # a name both take goes to both
     return ({k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in sched})
 
 
@@ -326,7 +326,8 @@ def sample(sde, model, shape, method: str, num_steps: int, generator: Optional[t
     if info.kind == "fixed":
         steps_on_schedule = num_steps - 1 if denoise else num_steps
         if isinstance(schedule, str):
-            t = get_timesteps(sde, steps_on_schedule, eps=eps, schedule=schedule, model=model, like=x, **sched_opts)
+            t = get_timesteps(sde, steps_on_schedule, eps=eps, schedule=schedule, model=model, like=x,
+                              solver=(method, sampler_opts, denoise), **sched_opts)
         else:
             t = _custom_grid(sde, schedule, num_steps, denoise)
         if denoise:

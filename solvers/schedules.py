@@ -20,15 +20,16 @@ timestep spacings of diffusers' schedulers (Lin et al. 2024, Table 2), each leve
 
 and one no peer ships, fitted to the model and the solver:
 
-* ``optimized`` — nodes that equidistribute the estimated local error of an order-``order`` exponential integrator
-  along pilot trajectories.  Such an integrator's local error over a step of size h in lambda is
-  C h^{p+1} |d^p x0_hat / d lambda^p| (the Taylor remainder of DPM-Solver-p, Lu et al. 2022, Theorem 3.2 and eq. (3.6)
-  with x0 in place of eps for the data-prediction form), so the total error sum_i h_i^{p+1} e(lambda_i) for a fixed
-  number of steps is smallest when h(lambda) is proportional to e(lambda)^{-1/(p+1)}: equal shares of
-  integral e^{1/(p+1)} d lambda per step.  e is measured once: ``pilot_samples`` prior draws (a fixed seed) are carried
-  by DDIM along ``pilot_steps`` uniform-lambda steps from T to eps, x0_hat is recorded at each node, and its p-th
-  finite difference in lambda (RMS over samples and dimensions) is e.  The pilot costs ``pilot_steps`` batched calls,
-  once per (model, path, eps, order, pilot settings, number of steps): the grid is cached on the model object.
+* ``optimized`` — the grid that minimises the sampler's own global error on pilot trajectories (in the spirit of
+  Sabour et al. 2024, "Align Your Steps", and Watson et al. 2021's learned step sizes; here fitted directly, no bound).
+  ``pilot_samples`` prior draws (fixed ``seed``) are carried to the data by a reference — third-order UniPC on
+  ``ref_steps`` log-SNR steps — and by the sampler itself on a candidate grid; the objective is the mean squared
+  distance between the two endpoints in the metric of the reference endpoints' covariance (whitened, so that the
+  low-variance directions of the data, which decide likelihood-type errors, count as much as the high-variance ones).
+  The grid's log-SNR step sizes are a softmax of free parameters, started at the uniform log-SNR grid and minimised
+  with Powell's method within ``max_evals`` sampler runs (0: 60 per node).  Deterministic fixed-grid samplers only;
+  the cost is about ``max_evals * num_steps`` batched calls on the pilots, once per (model, sampler and its options,
+  number of steps, path, eps, pilot settings, data shape): the grid is cached with the network.
 
 A schedule is one function ``fn(sde, n, eps, model, **options)`` registered with ``@register_schedule``; its keyword
 options pass through ``solvers.sample(**options)`` (a schedule that declares ``like`` gets the initial state from
@@ -38,8 +39,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from typing import Callable, Dict, List
 
+import numpy as np
 import torch
 
 __all__ = ["get_timesteps", "available_schedules", "register_schedule", "schedule_options"]
@@ -59,13 +62,20 @@ def available_schedules() -> List[str]:
     return sorted(_SCHEDULES)
 
 
-def schedule_options(name: str) -> List[str]:
-    """The keyword options of schedule ``name`` (empty for an unknown name: ``get_timesteps`` reports that)."""
+#: what ``solvers.sample`` hands to a schedule that declares it (not user options): ``like`` — the initial state (its
+#: shape, dtype, device); ``solver`` — ``(method, its options, denoise)`` of the run the grid is for
+INTERNAL_OPTIONS = ("like", "solver")
+
+
+def schedule_options(name: str, internal: bool = False) -> List[str]:
+    """The user options of schedule ``name`` (with ``internal``: also the ``INTERNAL_OPTIONS`` it declares); empty
+    for an unknown name (``get_timesteps`` reports that)."""
     fn = _SCHEDULES.get(name)
     if fn is None:
         return []
     params = list(inspect.signature(fn).parameters.values())[4:]
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names if internal else [p for p in names if p not in INTERNAL_OPTIONS]
 
 
 def _lam(sde, t) -> torch.Tensor:
@@ -140,57 +150,97 @@ def _trailing(sde, n, eps, model):
 
 
 @register_schedule("optimized")
-def _optimized(sde, n, eps, model, order: int = 2, pilot_samples: int = 64, pilot_steps: int = 200, like=None):
-    if model is None or like is None:
-        raise ValueError("schedule 'optimized' fits the grid to a model: use it through solvers.sample, which passes "
-                         "the model and the data shape")
-    order, pilot_samples, pilot_steps = int(order), int(pilot_samples), int(pilot_steps)
-    if not 1 <= order <= 4 or pilot_samples < 1 or pilot_steps < order + 2:
-        raise ValueError(f"schedule 'optimized' needs 1 <= order <= 4, pilot_samples >= 1 and pilot_steps >= order + 2; "
-                         f"got {order}, {pilot_samples}, {pilot_steps}")
-    key = (repr(sde), float(eps), order, pilot_samples, pilot_steps, tuple(like.shape[1:]), str(like.dtype),
-           str(like.device), int(n))
-    cache = model.__dict__.setdefault("_optimized_grids", {})
+def _optimized(sde, n, eps, model, pilot_samples: int = 256, ref_steps: int = 100, max_evals: int = 0,
+               seed: int = 0, like=None, solver=None):
+    if model is None or like is None or solver is None:
+        raise ValueError("schedule 'optimized' fits the grid to a model and a sampler: use it through solvers.sample, "
+                         "which passes the model, the sampler and the data shape")
+    pilot_samples, ref_steps, max_evals, seed = int(pilot_samples), int(ref_steps), int(max_evals), int(seed)
+    if pilot_samples < 2 or ref_steps < 10 or max_evals < 0:
+        raise ValueError(f"schedule 'optimized' needs pilot_samples >= 2, ref_steps >= 10 and max_evals >= 0 (0: "
+                         f"60 per node); got {pilot_samples}, {ref_steps}, {max_evals}")
+    method, method_options, denoise = solver
+    from .base import get_sampler
+    info = get_sampler(method)
+    if info.kind != "fixed" or info.stochastic(method_options):
+        raise ValueError(f"schedule 'optimized' fits the grid of a deterministic fixed-grid sampler to its flow map; "
+                         f"{method!r} with {method_options or 'its defaults'} is "
+                         f"{'adaptive' if info.kind != 'fixed' else 'stochastic'}: use logsnr or edm")
+    key = (repr(sde), float(eps), int(n), method, tuple(sorted((k, repr(v)) for k, v in method_options.items())),
+           bool(denoise), pilot_samples, ref_steps, max_evals, seed, tuple(like.shape[1:]), str(like.dtype),
+           str(like.device), model.output)
+    owner = getattr(model.fn, "__self__", model.fn)         # the network (or function): every Model of it shares
+    try:
+        cache = _FITTED.setdefault(owner, {})
+    except TypeError:                                      # not weak-referenceable: cache on this Model only
+        cache = model.__dict__.setdefault("_optimized_grids", {})
     if key not in cache:
-        lam_T, lam_e = float(_lam(sde, sde.T)), float(_lam(sde, eps))
-        density, lam_nodes = _pilot_error_density(sde, model, eps, order, pilot_samples, pilot_steps, like)
-        # cumulative share of integral e^{1/(p+1)} d lambda, inverted at n equal shares (trapezoidal rule)
-        w = density ** (1.0 / (order + 1))
-        w = w + 1e-3 * w.mean() + 1e-300       # a floor: flat stretches still get steps
-        seg = 0.5 * (w[1:] + w[:-1]) * (lam_nodes[1:] - lam_nodes[:-1])
-        cum = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(seg, 0)])
-        cum = cum / cum[-1]
-        targets = torch.linspace(0, 1, n + 1, dtype=F64)
-        j = torch.clamp(torch.searchsorted(cum, targets), 1, len(cum) - 1)
-        frac = (targets - cum[j - 1]) / (cum[j] - cum[j - 1])
-        lam = lam_nodes[j - 1] + frac * (lam_nodes[j] - lam_nodes[j - 1])
-        lam[0], lam[-1] = lam_T, lam_e
-        cache[key] = _from_lam(sde, lam, eps)
+        cache[key] = _fit_grid(sde, n, eps, model, info, method_options, denoise, pilot_samples, ref_steps,
+                               max_evals or 60 * n, seed, like)
     return cache[key].clone()
 
 
-@torch.no_grad()
-def _pilot_error_density(sde, model, eps, order, n_pilot, steps, like):
-    """e(lambda) = RMS of the order-th finite difference of x0_hat in lambda along DDIM pilot paths (prior draws shaped,
-    typed and placed like ``like``), at the nodes of a uniform lambda grid."""
-    lam = _lam(sde, sde.T) + torch.linspace(0, 1, steps + 1, dtype=F64) * (_lam(sde, eps) - _lam(sde, sde.T))
-    t = _from_lam(sde, lam, eps)
-    gen = torch.Generator(device=like.device).manual_seed(0)
-    x = sde.prior_sample((n_pilot, *like.shape[1:]), generator=gen, dtype=like.dtype, device=like.device)
-    x0s = []
-    for i in range(steps + 1):
-        pred = model.predict(sde, x, t[i])
-        x0s.append(pred.x0.to(torch.float64).cpu())
-        if i < steps:     # DDIM (eta = 0) to the next node: x_s = a_s x0_hat + sigma_s eps_hat
-            a_s, s_s = (float(v) for v in sde.marginal_coeffs(t[i + 1]))
-            x = a_s * pred.x0 + s_s * pred.eps
-    D = torch.stack(x0s).reshape(steps + 1, -1)                     # (nodes, samples * dims)
-    for _ in range(order):
-        D = D[1:] - D[:-1]
-    e = D.pow(2).mean(1).sqrt() / float(lam[1] - lam[0]) ** order   # one value per order-wide stencil
-    # node k takes the stencil centred nearest to it
-    idx = torch.clamp(torch.round(torch.arange(steps + 1, dtype=F64) - order / 2).long(), 0, e.numel() - 1)
-    return e[idx], lam
+_FITTED = weakref.WeakKeyDictionary()
+
+
+def _whitener(ref: torch.Tensor):
+    """``werr(x) = mean_i || W (x_i - ref_i) ||^2`` with W the inverse square root of the reference endpoints'
+    covariance (principal directions of the pilot cloud; with fewer pilots than dimensions the remaining directions
+    get the smallest principal variance)."""
+    R = ref.reshape(ref.shape[0], -1).to(F64)
+    Rc = R - R.mean(0)
+    _, sv, Vh = torch.linalg.svd(Rc, full_matrices=False)
+    var = sv ** 2 / (R.shape[0] - 1)
+    var = torch.clamp(var, min=1e-12 * float(var.max()) + 1e-300)
+    keep = var > 1e-10 * float(var.max())
+    V, var = Vh[keep], var[keep]
+    rest = float(var.min())
+    full = V.shape[0] == R.shape[1]
+
+    def werr(x):
+        d = x.reshape(x.shape[0], -1).to(F64) - R
+        c = d @ V.T
+        e = (c ** 2 / var).sum(1)
+        if not full:
+            e = e + (d.pow(2).sum(1) - c.pow(2).sum(1)).clamp(min=0) / rest
+        return float(e.mean())
+    return werr
+
+
+def _fit_grid(sde, n, eps, model, info, method_options, denoise, pilot_samples, ref_steps, max_evals, seed, like):
+    from scipy.optimize import minimize
+    from .base import sample
+    lam_T, lam_e = float(_lam(sde, sde.T)), float(_lam(sde, eps))
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    shape = (pilot_samples, *like.shape[1:])
+    z = sde.prior_sample(shape, generator=gen, dtype=like.dtype, device=like.device)
+    steps = n + 1 if denoise else n                      # the sampler's steps on this grid (+ the jump to the data)
+    with torch.no_grad():
+        # the reference flow map: third-order UniPC (its measured order is 3, tests/test_solver_orders.py) on a fine
+        # log-SNR grid, ending like the sampler does
+        ref = sample(sde, model, shape, "unipc", ref_steps, x_init=z, eps=eps, schedule="logsnr", denoise=denoise,
+                     dtype=like.dtype, device=like.device, order=3).samples
+    werr = _whitener(ref)
+
+    def grid(u):
+        h = torch.softmax(torch.as_tensor(u, dtype=F64), 0)           # step sizes in lambda, positive, summing to 1
+        lam = lam_T + torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(h, 0)]) * (lam_e - lam_T)
+        return _from_lam(sde, lam, eps)
+
+    def objective(u):
+        try:
+            with torch.no_grad():
+                x = sample(sde, model, shape, info.name, steps, x_init=z, eps=eps, schedule=grid(u), denoise=denoise,
+                           dtype=like.dtype, device=like.device, **method_options).samples
+        except (FloatingPointError, ValueError, RuntimeError):
+            return 1e6
+        e = werr(x)
+        return math.log(e) if math.isfinite(e) and e > 0 else 1e6
+
+    u0 = np.zeros(n)                                                   # start: the uniform log-SNR grid
+    best = minimize(objective, u0, method="Powell", options=dict(maxfev=max_evals, xtol=1e-3, ftol=1e-4))
+    u = best.x if best.fun < objective(u0) else u0
+    return grid(u)
 
 
 def get_timesteps(sde, num_steps: int, eps: float, schedule: str = "uniform", dtype=F64, device=None,
@@ -202,9 +252,9 @@ def get_timesteps(sde, num_steps: int, eps: float, schedule: str = "uniform", dt
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     if not 0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
-    if "like" in options and "like" not in schedule_options(schedule):
-        options = {k: v for k, v in options.items() if k != "like"}
-    unknown = sorted(set(options) - set(schedule_options(schedule)))
+    declared = schedule_options(schedule, internal=True)
+    options = {k: v for k, v in options.items() if k not in INTERNAL_OPTIONS or k in declared}
+    unknown = sorted(set(options) - set(declared))
     if unknown:
         raise ValueError(f"schedule {schedule!r} got unknown option(s) {unknown}; it accepts "
                          f"{schedule_options(schedule)}")
