@@ -73,6 +73,22 @@ def test_heat_kernel_trained_row(tmp_path, toy_1d_workdir):
     _outputs(tmp_path, ["reverse_time", "reverse_time_trained"], ["reverse_time"])
 
 
+def test_compare_solvers_quick_reduced(tmp_path):
+    """The default set's share of the quick run: every sampler and variant converges on the Gaussian and the ring
+    (its checks assert it) at NFE 10 and 100 on the edm grid."""
+    import solvers
+    records = _run("compare_solvers", tmp_path, "--targets", "gauss,ring", "--nfe", "10,100", "--schedules", "edm",
+                   "--samples", "1000")
+    assert set(records) == {"gauss", "ring"}
+    for name in ("gauss", "ring"):
+        labels = {r["sampler"] for r in records[name][0]}
+        for m in solvers.available():
+            assert any(label.startswith(m) for label in labels), (name, m)
+    _outputs(tmp_path, ["samplers", "results_gauss", "results_ring", "best_ring"],
+             ["error_vs_nfe_gauss", "error_vs_nfe_ring"])
+
+
+@pytest.mark.slow
 def test_compare_solvers_quick(tmp_path):
     import solvers
     records = _run("compare_solvers", tmp_path)

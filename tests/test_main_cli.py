@@ -102,6 +102,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
+@pytest.mark.slow      # the default set's kill-and-resume tests are in test_faults.py (12 kills per run, in-process)
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     """Uninterrupted 60 updates vs. killed (SIGKILL) after update 45 and resumed from the step-40 checkpoint: the
     final model, EMA and optimiser tensors are bitwise equal (CPU, one thread)."""

@@ -69,8 +69,15 @@ def test_lands_on_1d_and_anisotropic_2d_gaussians(method, opts, steps):
     _assert_gaussian_moments(x, g2.mean, g2.cov)
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
-@pytest.mark.parametrize("method,opts,steps", METHODS, ids=[_id(m) for m in METHODS])
+#: the default run takes every method on VP and the deterministic ones on sub-VP and VE; the stochastic samplers on
+#: sub-VP and VE (hundreds of steps on 20 000 paths each) run with -m slow
+MIXTURE_CASES = [pytest.param(sde_name, *m, id=f"{_id(m)}-{sde_name}",
+                              marks=[pytest.mark.slow] if sde_name != "vp" and m[0] in ("ancestral", "euler_maruyama",
+                                                                                         "pc") else [])
+                 for m in METHODS for sde_name in ("vp", "subvp", "ve")]
+
+
+@pytest.mark.parametrize("sde_name,method,opts,steps", MIXTURE_CASES)
 def test_lands_on_2d_mixture(sde_name, method, opts, steps):
     """Mixture weights within 5 binomial standard errors; each mode's mean within 5 standard errors."""
     if sde_name != "vp" and opts.get("variance") == "beta":
