@@ -530,6 +530,46 @@ def plot(plt, report: Report, target: Target, records, floor):
     report.figure(fig, f"error_vs_nfe_{target.name}", f"{target.name}: error vs NFE (ours solid, peers dashed)")
 
 
+#: the lines of the summary figure: (family, sampler, schedule) -> legend label
+HIGHLIGHT = {
+    ("ours", "dpm_solver[order=2, variant=multistep]", "logsnr"): "ours DPM-Solver++ 2M, log-SNR grid",
+    ("ours", "dpm_solver[order=2, variant=multistep]", "optimized"): "ours DPM-Solver++ 2M, optimized grid",
+    ("ours", "unipc[order=3]", "logsnr"): "ours UniPC-3, log-SNR grid",
+    ("ours", "unipc[order=3]", "optimized"): "ours UniPC-3, optimized grid",
+    ("diffusers", "diffusers DPM++2M (lu lambdas)", "own"): "diffusers DPM++ 2M, log-SNR grid",
+    ("diffusers", "diffusers DPM++3M (lu lambdas)", "own"): "diffusers DPM++ 3M, log-SNR grid",
+    ("k-diffusion", "k-diff dpmpp_2m", "karras"): "k-diffusion dpmpp_2m, Karras grid",
+    ("k-diffusion", "k-diff lms", "karras"): "k-diffusion lms, Karras grid",
+}
+
+
+def plot_summary(plt, report: Report, target: Target, records, floor, ladder):
+    """Two panels: the sample metric (best of ours vs best peer at each rung, and the noise floor) and the floor-free
+    flow-map error of a few representative samplers from each library."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ours, style, label in ((True, "o-", "best of ours"), (False, "x--", "best peer")):
+        for key, ax in (("error", ax1), ("flow_error", ax2)):
+            pts = [(N, best_at(records, N, ours, key)) for N in ladder]
+            pts = [(N, r[key]) for N, r in pts if r is not None and r[key] > 0]
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, color="k" if ours else "grey", lw=2,
+                      label=label, zorder=3)
+    ax1.axhline(floor, color="k", ls=":", lw=1, label="noise floor (fresh exact samples)")
+    cmap = plt.get_cmap("tab10")
+    for i, (key, label) in enumerate(HIGHLIGHT.items()):
+        pts = sorted((r["nfe"], r["flow_error"]) for r in records
+                     if (r["family"], r["sampler"], r["schedule"]) == key and r["nfe"] is not None
+                     and r.get("flow_error") is not None and math.isfinite(r["flow_error"]) and r["flow_error"] > 0)
+        if pts:
+            ax2.loglog([p[0] for p in pts], [p[1] for p in pts], "-" if key[0] == "ours" else "--", lw=1,
+                       marker="o" if key[0] == "ours" else "x", ms=3, color=cmap(i % 10), label=label)
+    ax1.set(xlabel="NFE", ylabel=target.error_name, title=f"{target.name}: sample metric")
+    ax2.set(xlabel="NFE", ylabel="whitened RMS distance to the exact flow endpoint",
+            title=f"{target.name}: flow-map error (no floor)")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=6, loc="lower left")
+    report.figure(fig, f"summary_{target.name}", f"{target.name}: best of ours vs best peer; flow-map error")
+
+
 # ================================================================================================ main
 def main(argv: Optional[Sequence[str]] = None):
     p = make_parser(NAME, __doc__.split("\n")[0])
@@ -597,6 +637,7 @@ def run(args):
         report.table(tab)
         report.note(f"_{name}: {time.perf_counter() - t0:.1f} s_")
         plot(plt, report, target, records, floor)
+        plot_summary(plt, report, target, records, floor, ladder)
         results[name] = dict(records=records, floor=floor, summary=summary.rows, flow_summary=flow_summary.rows)
         ok = [r for r in records if r["status"] == "ok"]
         check(len(ok) >= 0.8 * len(records), f"{name}: {len(ok)} of {len(records)} runs finished")
