@@ -7,7 +7,10 @@
   part of its diagonal is negligible, and its real part is used.
 * KID (Bińkowski et al. 2018): the unbiased estimator of MMD^2 with the cubic polynomial kernel
   k(x, y) = (x.y / d + 1)^3, averaged over random subsets of both feature sets (mean and std over subsets).
-* Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` folds.
+* Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` folds; fold i
+  holds rows [i N // splits, (i + 1) N // splits), the assignment of the original code and of torch-fidelity, which
+  also shuffles the rows first (``shuffle_seed=2020`` reproduces it).
+* Precision / recall (Kynkäänniemi et al. 2019) of the pool3 features: ``sde_diffusion.metrics.precision_recall``.
 
 Feature statistics of a data set (mean and covariance) are cached to ``.npz`` files, written atomically.
 """
@@ -24,7 +27,8 @@ import torch
 from ..atomic import atomic_path
 
 __all__ = ["frechet_distance", "feature_statistics", "kid", "mmd2_unbiased", "polynomial_kernel", "inception_score",
-           "save_statistics", "load_statistics", "cached_statistics", "compute_features", "InceptionMetrics"]
+           "save_statistics", "load_statistics", "cached_statistics", "compute_features", "InceptionMetrics",
+           "PROTOCOLS"]
 
 
 # ---------------------------------------------------------------------- Fréchet distance
@@ -92,12 +96,23 @@ def kid(features1, features2, num_subsets: int = 100, subset_size: int = 1000, s
 
 
 # ---------------------------------------------------------------------- Inception Score
-def inception_score(logits, splits: int = 10) -> Tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) with p(y) the marginal within each of ``splits`` folds; mean and std over folds."""
+def inception_score(logits, splits: int = 10, shuffle_seed: Optional[int] = None) -> Tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) with p(y) the marginal within each of ``splits`` folds; mean and std over folds.
+
+    Fold i is rows [i N // splits, (i + 1) N // splits) (so when ``splits`` does not divide N the *later* folds get
+    the extra rows): the slicing of the original Inception Score code (openai/improved-gan, ``inception_score.py``)
+    and of torch-fidelity's ``isc_features_to_metric``.  ``shuffle_seed``: permute the rows first with
+    ``np.random.RandomState(shuffle_seed).permutation(N)``, as torch-fidelity does by default (``samples_shuffle``,
+    ``rng_seed=2020``); None keeps the given order, as the original code.  Empty folds (N < splits) are skipped.
+    """
     lg = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    n, splits = lg.shape[0], int(splits)
+    if shuffle_seed is not None:
+        lg = lg[torch.from_numpy(np.random.RandomState(int(shuffle_seed)).permutation(n))]
     logp = torch.log_softmax(lg, dim=1)
     scores = []
-    for part in torch.tensor_split(logp, int(splits)):
+    for i in range(splits):
+        part = logp[i * n // splits:(i + 1) * n // splits]
         if part.shape[0] == 0:
             continue
         log_marginal = torch.logsumexp(part, 0) - np.log(part.shape[0])
@@ -150,17 +165,25 @@ def _batches(images, batch_size: int):
         yield images[i:i + batch_size]
 
 
-class InceptionMetrics:
-    """FID, KID and IS of image samples against a reference set, through the FID Inception.
+#: the protocol details that differ between the two conventions (``FIDInceptionV3``'s ``preprocess``): under ``tf``
+#: the whole computation follows torch-fidelity's defaults, so its numbers are torch-fidelity's on the same images
+PROTOCOLS = {"pytorch_fid": {"kid_seed": 0, "is_shuffle_seed": None},
+             "tf": {"kid_seed": 2020, "is_shuffle_seed": 2020}}
 
-    ``InceptionMetrics(weights_path, device).reference_statistics(images_fn, cache_path)`` caches the reference set's
-    pool3 statistics (and features, for KID) to ``cache_path`` (.npz); ``compute(samples, reference)`` returns
-    {"fid", "kid_mean", "kid_std", "is_mean", "is_std"}.  Images are (N, C, H, W) in [0, 1].
+
+class InceptionMetrics:
+    """FID, KID, IS (and precision / recall) of image samples against a reference set, through the FID Inception.
+
+    ``InceptionMetrics(weights_path, device, preprocess=...).reference_statistics(images_fn, cache_path)`` caches the
+    reference set's pool3 statistics (and features, for KID) to ``cache_path`` (.npz); ``compute(samples,
+    reference)`` returns {"fid", "kid_mean", "kid_std", "is_mean", "is_std"} and, with ``prc_neighborhood=k > 0``,
+    {"precision", "recall", "f_score", "prc_num_reference"}.  Images are (N, C, H, W) in [0, 1].
     """
 
-    def __init__(self, weights_path: Optional[str], device="cpu", batch_size: int = 50, model=None):
+    def __init__(self, weights_path: Optional[str], device="cpu", batch_size: int = 50, model=None,
+                 preprocess: str = "pytorch_fid"):
         from .inception import load_fid_inception
-        self.model = model if model is not None else load_fid_inception(weights_path, device)
+        self.model = model if model is not None else load_fid_inception(weights_path, device, preprocess=preprocess)
         self.device = device
         self.batch_size = int(batch_size)
 
@@ -178,11 +201,25 @@ class InceptionMetrics:
         return {"mu": mu, "sigma": sigma, "pool3": feats}
 
     def compute(self, samples, reference: Dict[str, np.ndarray], kid_subsets: int = 100,
-                kid_subset_size: int = 1000, is_splits: int = 10) -> Dict[str, float]:
+                kid_subset_size: int = 1000, is_splits: int = 10, kid_seed: int = 0,
+                is_shuffle_seed: Optional[int] = None, prc_neighborhood: int = 0,
+                prc_seed: int = 0) -> Dict[str, float]:
+        """The metrics of ``samples`` against ``reference``.  Precision / recall (``prc_neighborhood`` = k > 0) use
+        as many reference features as there are samples (a subset drawn with ``np.random.RandomState(prc_seed)``
+        when the reference is larger): the metric depends on the set sizes and is meant for equal ones."""
         feats = self.features(samples)
         mu, sigma = feature_statistics(feats["pool3"])
         out = {"fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"])}
         if "pool3" in reference:
-            out["kid_mean"], out["kid_std"] = kid(feats["pool3"], reference["pool3"], kid_subsets, kid_subset_size)
-        out["is_mean"], out["is_std"] = inception_score(feats["logits_unbiased"], is_splits)
+            out["kid_mean"], out["kid_std"] = kid(feats["pool3"], reference["pool3"], kid_subsets, kid_subset_size,
+                                                  seed=kid_seed)
+        out["is_mean"], out["is_std"] = inception_score(feats["logits_unbiased"], is_splits, is_shuffle_seed)
+        if prc_neighborhood and "pool3" in reference:
+            from ..metrics import precision_recall
+            ref = np.asarray(reference["pool3"])
+            n = feats["pool3"].shape[0]
+            if ref.shape[0] > n:
+                ref = ref[np.sort(np.random.RandomState(prc_seed).choice(ref.shape[0], n, replace=False))]
+            out.update(precision_recall(ref, feats["pool3"], k=prc_neighborhood))
+            out["prc_num_reference"] = int(ref.shape[0])
         return out

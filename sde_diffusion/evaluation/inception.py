@@ -8,9 +8,21 @@ The network is torchvision's Inception-v3 layout (so the weights' key names are 
   * the last E block (``Mixed_7c``) pools its fourth branch with a 3x3 *max* pool instead of an average pool;
   * 1008 output classes (the TF graph's softmax), no auxiliary classifier.
 
-Input: images ``(B, C, H, W)`` in [0, 1], C = 1 or 3 (grey images are repeated to RGB), resized bilinearly to 299x299
-(``align_corners=False``) and scaled to [-1, 1].  Output: the 2048-d pool3 features used by FID/KID and the 1008
-logits used by the Inception Score.  Like the original IS code (which multiplies pool3 by the softmax weight matrix
+Input: images ``(B, C, H, W)`` in [0, 1], C = 1 or 3 (grey images are repeated to RGB), resized to 299x299 and scaled to
+[-1, 1] by one of two conventions (``preprocess``):
+
+  * ``"pytorch_fid"`` (default): ``F.interpolate(x, 299, mode="bilinear", align_corners=False)`` on the [0, 1] floats,
+    then ``2 x - 1``: pytorch-fid's ``InceptionV3(resize_input=True, normalize_input=True)``.
+  * ``"tf"``: what the original TensorFlow graph does and torch-fidelity (``interpolate_bilinear_2d_like_tensorflow1x``,
+    ``FeatureExtractorInceptionV3``) and clean-fid (``mode="legacy_tensorflow"``) reproduce: the images are 8-bit
+    (floats are rounded to the nearest of the 256 levels), resized by TF1's ``tf.image.resize_bilinear``
+    (``align_corners=False``, *no* half-pixel offset: output pixel o samples the input at o * in/out, so the image is
+    shifted by half a pixel against pytorch's and its last rows/columns are clamped; see ``resize_bilinear_tf1``), then
+    scaled by (x - 128) / 128, the graph's ``Sub``/``Mul`` constants.
+  On 32x32 images the two give pool3 features that differ by tens of per cent (measured with random weights; see the
+  README), so FID numbers of different conventions do not compare.
+
+Output: the 2048-d pool3 features used by FID/KID and the 1008 logits used by the Inception Score.  Like the original IS code (which multiplies pool3 by the softmax weight matrix
 only), ``logits_unbiased = pool3 @ fc.weight^T``; ``logits`` adds the bias.
 
 Weights are read from a local file only: nothing is downloaded.
@@ -18,7 +30,7 @@ Weights are read from a local file only: nothing is downloaded.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +38,15 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FIDInceptionV3", "load_fid_inception", "FID_WEIGHTS_FILENAME", "FID_WEIGHTS_URL", "FEATURE_DIM",
-           "NUM_CLASSES"]
+__all__ = ["FIDInceptionV3", "load_fid_inception", "resize_bilinear_tf1", "PREPROCESS", "FID_WEIGHTS_FILENAME",
+           "FID_WEIGHTS_URL", "FEATURE_DIM", "NUM_CLASSES"]
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
+PREPROCESS = ("pytorch_fid", "tf")      # the input conventions of FIDInceptionV3 (see the module docstring)
 
 
 class BasicConv2d(nn.Module):
@@ -167,14 +180,57 @@ class InceptionE(nn.Module):
         return torch.cat([b1, b3, bd, bp], 1)
 
 
+def _tf1_source_grid(in_size: int, out_size: int, device) -> Tuple[Tensor, Tensor, Tensor]:
+    """TF1 ``resize_bilinear(align_corners=False, half_pixel_centers=False)`` along one axis: output index o reads the
+    input at s = o * scale with scale = in / out in float32 (``CalculateResizeScale`` and the legacy scaler of
+    tensorflow/core/kernels/image_resizer_state.h, resize_bilinear_op.cc's ``compute_interpolation_weights``):
+    lower = floor(s), upper = min(lower + 1, in - 1), weight s - lower.  (``F.interpolate(align_corners=False)``
+    instead samples at (o + 1/2) * scale - 1/2, clamped at 0.)"""
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / float(out_size)
+    s = torch.arange(out_size, dtype=torch.float32, device=device) * scale.to(device)
+    lower = s.floor()
+    weight = s - lower
+    lower = lower.long()
+    upper = (lower + 1).clamp(max=in_size - 1)
+    return lower, upper, weight
+
+
+def resize_bilinear_tf1(x: Tensor, size) -> Tensor:
+    """Bilinear resize of ``x: (B, C, H, W)`` (float) to ``size = (h, w)`` as TF 1.x's ``tf.image.resize_bilinear``
+    (align_corners=False) computes it, the resize inside the 2015-12-05 Inception graph that FID was defined with.
+
+    Same arithmetic as TF's kernel: top = tl + (tr - tl) * wx, bottom = bl + (br - bl) * wx,
+    out = top + (bottom - top) * wy, in x's dtype with float32 source coordinates.  Written from TensorFlow's kernel;
+    torch-fidelity's ``interpolate_bilinear_2d_like_tensorflow1x(method="slow")`` is the same computation and the
+    tests compare the two bit for bit.
+    """
+    if x.dim() != 4 or not torch.is_floating_point(x):
+        raise ValueError(f"expected a float tensor (B, C, H, W), got {x.dtype} of shape {tuple(x.shape)}")
+    h, w = int(size[0]), int(size[1])
+    ylo, yhi, wy = _tf1_source_grid(x.shape[2], h, x.device)
+    xlo, xhi, wx = _tf1_source_grid(x.shape[3], w, x.device)
+    wx, wy = wx.to(x.dtype), wy.to(x.dtype).view(h, 1)
+    top, bottom = x.index_select(2, ylo), x.index_select(2, yhi)                 # (B, C, h, W)
+    tl, tr = top.index_select(3, xlo), top.index_select(3, xhi)
+    bl, br = bottom.index_select(3, xlo), bottom.index_select(3, xhi)
+    top = tl + (tr - tl) * wx
+    bottom = bl + (br - bl) * wx
+    return top + (bottom - top) * wy
+
+
 class FIDInceptionV3(nn.Module):
     """The FID Inception-v3.  ``forward(images in [0, 1]) -> {"pool3": (B, 2048), "logits": (B, 1008),
-    "logits_unbiased": (B, 1008)}``.  Built with random weights; use ``load_fid_inception`` for the real ones."""
+    "logits_unbiased": (B, 1008)}``.  Built with random weights; use ``load_fid_inception`` for the real ones.
+    ``preprocess``: the input convention, ``"pytorch_fid"`` or ``"tf"`` (module docstring); with ``"tf"`` uint8
+    images (0..255) are accepted too."""
 
-    def __init__(self, resize_input: bool = True, normalize_input: bool = True):
+    def __init__(self, resize_input: bool = True, normalize_input: bool = True, preprocess: str = "pytorch_fid"):
         super().__init__()
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
         self.resize_input = resize_input
         self.normalize_input = normalize_input
+        self.preprocess_convention = preprocess
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
@@ -199,6 +255,16 @@ class FIDInceptionV3(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images (B, 1|3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        if self.preprocess_convention == "tf":
+            # 8-bit levels as float32 0..255 (the TF graph's input is a uint8 image), TF1 resize, (x - 128) / 128
+            x = images.float() if images.dtype == torch.uint8 else torch.round(images.float().clamp(0, 1) * 255)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            if self.resize_input:
+                x = resize_bilinear_tf1(x, (299, 299))      # identity at 299x299
+            if self.normalize_input:
+                x = (x - 128) / 128
+            return x
         x = images.float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -227,8 +293,10 @@ class FIDInceptionV3(nn.Module):
         return {"pool3": pool3, "logits": unbiased + self.fc.bias, "logits_unbiased": unbiased}
 
 
-def load_fid_inception(path: Optional[str], device="cpu") -> FIDInceptionV3:
-    """The FID Inception with the pytorch-fid port of the 2015-12-05 TF weights read from ``path``.
+def load_fid_inception(path: Optional[str], device="cpu", preprocess: str = "pytorch_fid") -> FIDInceptionV3:
+    """The FID Inception with the pytorch-fid port of the 2015-12-05 TF weights read from ``path``, with the input
+    convention ``preprocess`` (``"pytorch_fid"`` | ``"tf"``, see the module docstring).  torch-fidelity's port
+    (``weights-inception-2015-12-05-6726825d.pth``) uses the same tensor names and loads too.
 
     Raises ``FileNotFoundError`` naming the expected file and where to get it when ``path`` is empty or missing, and
     ``ValueError`` when the file's tensors do not fit the network.
@@ -247,7 +315,7 @@ def load_fid_inception(path: Optional[str], device="cpu") -> FIDInceptionV3:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(preprocess=preprocess)
     own = model.state_dict()
     unexpected = sorted(k for k in state if k not in own and not k.startswith("AuxLogits."))
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
