@@ -14,7 +14,16 @@ dimensions, ``"sum"`` sums them; the batch is always averaged.
 Its minimum over all functions s is attained at the true score s = grad log p_t and equals
 E_t lambda(t) (E||z / sigma||^2 - E||grad log p_t(x_t)||^2) — tests compare against that.
 
-**Conditional flow matching** (Lipman et al. 2023, eq. 9 / 23; Liu et al. 2023, eq. 1): regress the model's velocity
+**Hybrid loss with learned reverse variances** (Nichol & Dhariwal 2021, sec. 3.1, eq. 16): a network with
+``model.learned_variance`` also outputs v, the reverse step's log-variance interpolation
+log Sigma = v log beta_i + (1 - v) log beta-tilde_i (their eq. 15), and ``ddpm`` then trains
+L_hybrid = L_simple + lambda L_vlb with lambda = ``training.vlb_weight`` (0.001): at the drawn level i, L_vlb = N L_i
+(the sum over the chain's N terms estimated from one), L_i = KL(q(x_{i-1} | x_i, x0) || N(mu(eps_hat), Sigma)) for
+i >= 1 and the decoder's -log p(x0 | x_1) for i = 0 (Ho et al. eq. 13, discretised over ``data.levels`` for image
+data, Gaussian for continuous data), in nats, reduced over dimensions like L_simple.  The mean enters L_vlb with a
+stop-gradient (eps_hat.detach()): L_vlb trains only v, L_simple only the mean (their sec. 3.1).
+
+ (Lipman et al. 2023, eq. 9 / 23; Liu et al. 2023, eq. 1): regress the model's velocity
 (``Prediction.velocity``, whatever output it declares) onto the path's conditional velocity
 
     L = E_{t ~ U(eps, T)} E_{x0, z} || v_theta(x_t, t) - (a'(t) x0 + sigma'(t) z) ||^2,   x_t = a x0 + sigma z,
@@ -42,8 +51,8 @@ from .sdes import SDE, VESDE, VPSDE, expand_as_batch
 
 Tensor = torch.Tensor
 
-__all__ = ["dsm_loss", "ddpm_loss", "smld_loss", "fm_loss", "edm_loss", "ot_coupling", "get_loss_fn",
-           "register_loss", "available_losses", "LOSSES", "WEIGHTINGS"]
+__all__ = ["dsm_loss", "ddpm_loss", "ddpm_hybrid_loss", "smld_loss", "fm_loss", "edm_loss", "ot_coupling",
+           "get_loss_fn", "register_loss", "available_losses", "LOSSES", "WEIGHTINGS"]
 
 WEIGHTINGS = ("uniform", "likelihood")
 
@@ -105,6 +114,53 @@ def ddpm_loss(sde: VPSDE, noise_fn: Callable[[Tensor, Tensor, Tensor], Tensor], 
         raise ValueError(f"the DDPM loss needs a VP SDE, got {type(sde).__name__}")
     abar = sde.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
     return _discrete_noise_loss(sde, noise_fn, x0, abar.sqrt(), (1.0 - abar).sqrt(), reduce, generator, i, z)
+
+
+def ddpm_hybrid_loss(sde: VPSDE, noise_fn, x0: Tensor, *, vlb_weight: float = 1e-3, reduce: str = "mean",
+                     num_levels: Optional[int] = None, data_range=(-1.0, 1.0),
+                     generator: Optional[torch.Generator] = None, i: Optional[Tensor] = None,
+                     z: Optional[Tensor] = None) -> Tensor:
+    """Improved DDPM's L_simple + lambda L_vlb (module doc), shape (B,).  ``noise_fn(x, t, std) -> (eps_hat, v)``
+    (``networks.get_noise_fn(..., with_variance=True)``).  ``num_levels``: the decoder term at level 0 is the
+    discretised Gaussian over that many levels of ``data_range`` (None: the continuous Gaussian density)."""
+    from .elbo import discretized_gaussian_log_likelihood, gaussian_log_likelihood, normal_kl
+    if not isinstance(sde, VPSDE):
+        raise ValueError(f"the DDPM loss needs a VP SDE, got {type(sde).__name__}")
+    B, N = x0.shape[0], sde.N
+    if i is None:
+        i = torch.randint(0, N, (B,), generator=generator, device=x0.device)
+    if z is None:
+        z = _randn_like(x0, generator)
+    abar_all = sde.alphas_cumprod.to(device=x0.device, dtype=torch.float64)
+    abar = abar_all[i]
+    abar_prev = torch.where(i > 0, abar_all[(i - 1).clamp(min=0)], torch.ones_like(abar))
+    std = (1.0 - abar).sqrt()
+    xt = expand_as_batch(abar.sqrt().to(x0.dtype), x0) * x0 + expand_as_batch(std.to(x0.dtype), x0) * z
+    t = i.to(x0.dtype) * (sde.T / max(N - 1, 1))
+    eps_hat, v = noise_fn(xt, t, std.to(x0.dtype))
+    if v is None:
+        raise ValueError("the hybrid loss needs a network with a learned variance (model.learned_variance)")
+    simple = _reduce((eps_hat - z) ** 2, reduce)                                      # L_simple (Ho et al. eq. 14)
+    e = lambda c: expand_as_batch(c, x0)                                              # noqa: E731
+    beta = 1.0 - abar / abar_prev
+    beta_tilde = (1.0 - abar_prev) / (1.0 - abar) * beta                              # Ho et al. eq. 7
+    # at i = 0, beta-tilde = 0: clip to the next level's, as Improved DDPM does
+    bt1 = float((1.0 - abar_all[0]) / (1.0 - abar_all[1]) * (1.0 - abar_all[1] / abar_all[0])) if N > 1 \
+        else float(1.0 - abar_all[0])
+    log_bt = torch.log(torch.where(i > 0, beta_tilde, torch.full_like(beta_tilde, bt1)))
+    logvar = v.to(torch.float64) * e(torch.log(beta)) + (1 - v.to(torch.float64)) * e(log_bt)   # N & D eq. 15
+    xtd, x0d = xt.detach().to(torch.float64), x0.to(torch.float64)
+    x0_hat = (xtd - e(std) * eps_hat.detach().to(torch.float64)) / e(abar.sqrt())    # stop-gradient on the mean
+    c0 = abar_prev.sqrt() * beta / (1.0 - abar)
+    ct = (abar / abar_prev).sqrt() * (1.0 - abar_prev) / (1.0 - abar)
+    kl = normal_kl(e(c0) * x0d + e(ct) * xtd, e(torch.log(beta_tilde.clamp_min(1e-300))),
+                   e(c0) * x0_hat + e(ct) * xtd, logvar)
+    if num_levels is not None:
+        dec = -discretized_gaussian_log_likelihood(x0d, x0_hat, logvar, int(num_levels), data_range)
+    else:
+        dec = -gaussian_log_likelihood(x0d, x0_hat, logvar)
+    vlb = torch.where((i > 0).reshape(B, *([1] * (x0.dim() - 1))), kl, dec)       # L_i, nats per entry
+    return simple + float(vlb_weight) * N * _reduce(vlb, reduce).to(simple.dtype)
 
 
 def smld_loss(sde: VESDE, noise_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, *,
@@ -225,6 +281,16 @@ def _build_dsm(config, sde):
 @register_loss("ddpm")
 def _build_ddpm(config, sde):
     from .networks import get_noise_fn
+    if bool(config.model.get("learned_variance", False)):
+        # Improved DDPM's hybrid loss; the decoder term is discretised over the data's levels for image data
+        levels = {"digits": 17, "cifar10": 256}.get(str(config.data.dataset).lower())
+        data_range = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
+        if bool(config.data.get("uniform_dequantization", False)):
+            levels = None                 # dequantised training data are continuous
+        weight = float(config.training.get("vlb_weight", 1e-3))
+        return lambda model, x0, labels, train, generator: ddpm_hybrid_loss(
+            sde, get_noise_fn(model, train=train, y=labels, with_variance=True), x0, vlb_weight=weight,
+            reduce=config.training.reduce, num_levels=levels, data_range=data_range, generator=generator)
     return lambda model, x0, labels, train, generator: ddpm_loss(
         sde, get_noise_fn(model, train=train, y=labels), x0, reduce=config.training.reduce, generator=generator)
 

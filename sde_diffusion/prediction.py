@@ -22,6 +22,12 @@ network input for a, possibly fractional, index; default the index itself).  Ask
 the index whose log-SNR equals lambda(t) (linear interpolation in lambda, clamped to the table), so that at the
 discrete schedules' nodes (``solvers.schedules``: ``leading``/``trailing``/``linspace``) the network sees exactly the
 noise level it was trained at, and its output is converted with that level's (a, sigma).
+
+**Learned reverse variances** (Nichol & Dhariwal 2021, eq. 15).  A model built with ``learned_variance=True`` returns
+a pair ``(value, v)`` from ``fn``: ``v`` (x's shape) interpolates the reverse step's log-variance between the two
+fixed choices, log Sigma = v log beta + (1 - v) log beta-tilde, for whatever step (s < t) a sampler or a bound takes
+(the ancestral sampler's ``variance="learned"``, ``sde_diffusion.elbo``).  ``Prediction.log_variance_frac`` carries
+it (None for every other model).
 """
 from __future__ import annotations
 
@@ -43,8 +49,11 @@ class Prediction:
     """One model evaluation at (x, t), converted on demand: ``eps``, ``x0``, ``score``, ``velocity`` (probability
     flow dx/dt).  ``a``, ``sigma`` (and ``da``, ``dsigma``) broadcast against x."""
 
-    def __init__(self, sde, x: Tensor, t: Tensor, output: str, value: Tensor):
+    def __init__(self, sde, x: Tensor, t: Tensor, output: str, value: Tensor,
+                 log_variance_frac: Optional[Tensor] = None):
         self.sde, self.x, self.t, self.output, self.value = sde, x, t, output, value
+        #: v of a learned-variance model (x's shape): log Sigma = v log beta + (1 - v) log beta-tilde; else None
+        self.log_variance_frac = log_variance_frac
         a, s = sde.marginal_coeffs(t.to(torch.float64))
         self.a = expand_as_batch(a, x)
         self.sigma = expand_as_batch(s, x)
@@ -115,17 +124,20 @@ class Model:
         discrete: ``(a_table, sigma_table)`` of a discrete-time model's N training levels (noise increasing with the
             index), or None for a continuous-time model (fn takes the path's t).
         model_time: for a discrete model, ``index (B,) float -> t_in`` (default: the index).
+        learned_variance: fn returns ``(value, v)``, v the log-variance interpolation of the reverse step
+            (``Prediction.log_variance_frac``; Nichol & Dhariwal 2021, eq. 15).
     """
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], output: str = "score", *,
                  discrete: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-                 model_time: Optional[Callable[[Tensor], Tensor]] = None):
+                 model_time: Optional[Callable[[Tensor], Tensor]] = None, learned_variance: bool = False):
         if output not in OUTPUTS:
             raise ValueError(f"unknown model output {output!r}; available: {', '.join(OUTPUTS)}")
         if not callable(fn):
             raise TypeError(f"a model needs a callable fn(x, t), got {type(fn).__name__}")
         self.fn, self.output = fn, output
         self.model_time = model_time
+        self.learned_variance = bool(learned_variance)
         self.discrete = None
         if discrete is not None:
             a, s = (torch.as_tensor(v, dtype=torch.float64).flatten() for v in discrete)
@@ -166,14 +178,23 @@ class Model:
             t = t.expand(x.shape[0])
         t = t.to(dtype=x.dtype)
         out = self.fn(x, self.network_time(sde, t, x))
+        v = None
+        if self.learned_variance:
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise ValueError(f"a learned-variance model's fn must return (value, v), got {type(out).__name__}")
+            out, v = out
+            if not isinstance(v, Tensor) or v.shape != x.shape:
+                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"the model returned v of shape {shape} for x of shape {tuple(x.shape)}; it must "
+                                 f"have x's shape")
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"the model returned {shape} for x of shape {tuple(x.shape)}; it must return x's shape")
-        return Prediction(sde, x, t, self.output, out)
+        return Prediction(sde, x, t, self.output, out, log_variance_frac=v)
 
     def score_fn(self, sde) -> Callable[[Tensor, Tensor], Tensor]:
         """A plain ``score_fn(x, t)`` (for the likelihood, guidance wrappers, losses)."""
-        if self.output == "score" and self.discrete is None:
+        if self.output == "score" and self.discrete is None and not self.learned_variance:
             return self.fn
         return lambda x, t: self.predict(sde, x, t).score
 
