@@ -96,7 +96,7 @@ def test_bad_compute_values_are_one_line():
             ("threads", -1, "config key 'compute.threads' must be an integer >= 0 (0 = PyTorch's default), got -1"),
             ("grad_accum", 3, "config key 'compute.grad_accum' must divide training.batch_size = 256 (micro-batches "
                               "of equal size), got 3"),
-            ("autocast", "fp8", "config key 'compute.autocast' must be one of none, bf16, got 'fp8'"),
+            ("autocast", "fp8", "config key 'compute.autocast' must be one of none, bf16, fp16, got 'fp8'"),
             ("adam_impl", "fast", "config key 'compute.adam_impl' must be one of auto, fused, foreach, loop, got "
                                   "'fast'"),
             ("dist_timeout", 0, "config key 'compute.dist_timeout' must be a finite number > 0 (seconds), got 0")]:

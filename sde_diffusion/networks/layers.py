@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["variance_scaling_", "dense", "conv1x1", "conv3x3", "sinusoidal_embedding", "GaussianFourierProjection",
-           "TimeEmbedding", "get_act"]
+__all__ = ["variance_scaling_", "dense", "conv1x1", "pointwise", "conv3x3", "sinusoidal_embedding",
+           "GaussianFourierProjection", "TimeEmbedding", "get_act"]
 
 
 @torch.no_grad()
@@ -41,6 +41,27 @@ def conv1x1(in_ch: int, out_ch: int, init_scale: float = 1.0) -> nn.Conv2d:
     variance_scaling_(layer.weight, init_scale)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for a 1x1 ``conv`` (stride 1, no padding), computed as a matmul over channels with the same
+    parameters (the (C_out, C_in, 1, 1) weight viewed as (C_out, C_in)): y[b, o, p] = sum_c W[o, c] x[b, c, p] + b[o].
+
+    x: (B, C_in, H, W) -> (B, C_out, H, W), in x's memory format: a channels-last x goes through ``F.linear`` on its
+    free (B, H, W, C) view, a contiguous one through one batched GEMM (``baddbmm``) on its (B, C, H W) view, so no
+    layout copy is made either way.  Same maths as the convolution (float rounding only, tested); a GEMM instead of
+    the convolution kernel (what diffusers does with ``nn.Linear``): on CUDA cuBLAS, on this CPU as fast as oneDNN's
+    1x1 convolution."""
+    w = conv.weight.flatten(1)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), w, conv.bias).permute(0, 3, 1, 2)
+    B, C, H, W = x.shape
+    h = x.reshape(B, C, H * W)
+    if conv.bias is None:
+        out = torch.matmul(w, h)
+    else:
+        out = torch.baddbmm(conv.bias[None, :, None].expand(B, -1, H * W), w.expand(B, -1, -1), h)
+    return out.view(B, -1, H, W)
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, init_scale: float = 1.0) -> nn.Conv2d:
