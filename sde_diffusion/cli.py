@@ -8,6 +8,15 @@ flags; the mode may come first without ``--mode``):
     python main.py --mode sample --workdir runs/digits [--config.sampling.method=pc] [--checkpoint 6000]
     python main.py --mode eval   --workdir runs/digits
     python main.py --mode train_classifier --config digits_classifier --workdir runs/digits_cls
+    python main.py --mode train_autoencoder --config ldm_digits --workdir runs/digits_ae    (latent diffusion: then
+    python main.py --mode train --config ldm_digits --workdir runs/ldm_digits                 its latent model)
+    python main.py --mode export --workdir runs/digits [--checkpoint 6000] [--out_dir DIR] [--overwrite]
+
+Models from elsewhere and exported models (``--mode sample``, no checkpoint in the workdir needed; samples go to
+``<workdir>/samples/diffusers`` or ``.../export_step_<step>``):
+
+    --config.model.source=diffusers --config.model.path=DIR     (a diffusers UNet2DModel folder + scheduler config)
+    --config.model.source=export --config.model.path=DIR        (a folder written by --mode export)
 
 Controllable generation (``--mode sample``):
 
@@ -17,7 +26,8 @@ Controllable generation (``--mode sample``):
     --config.sampling.task=colorize --config.sampling.image=PATH          (3-channel data)
 
 ``--config`` takes a named config (vp_cifar, subvp_cifar, ve_cifar, vp_digits, toy_2d, toy_1d, vp_digits_cond,
-vp_cifar_cond, digits_classifier, cifar_classifier), a Python file with
+vp_cifar_cond, digits_classifier, cifar_classifier, fm_digits, edm_digits, fm_cifar, edm_cifar, ldm_digits, ldm_cifar;
+configs.CONFIG_NAMES lists all), a Python file with
 ``get_config()`` or a JSON file; without it the run's own ``<workdir>/config.json`` is used (to resume, sample or
 evaluate).  Any key can be overridden
 with ``--config.a.b=v`` (or ``--config.a.b v``): an unknown key or a value of the wrong type is an error naming the
@@ -39,16 +49,20 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "sample", "eval", "train_classifier")
+MODES = ("train", "sample", "eval", "train_classifier", "export", "train_autoencoder")
 flags.DEFINE_enum("mode", None, list(MODES),
-                  "What to do (train_classifier: the time-dependent classifier for classifier guidance).")
+                  "What to do (train_classifier: the time-dependent classifier for classifier guidance; export: "
+                  "the EMA weights as safetensors + config.json; train_autoencoder: the KL autoencoder of a latent "
+                  "config such as ldm_digits).")
 flags.DEFINE_string("config", None, "Config name, .py file with get_config(), or .json file "
                     "(default: <workdir>/config.json of an existing run).")
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard logs, samples.")
 flags.DEFINE_string("checkpoint", None, "sample: checkpoint step or path (default: the latest); eval: "
                     "that checkpoint only (default: every checkpoint not yet evaluated).")
 flags.DEFINE_string("device", None, "cpu, cuda, cuda:1, ... (default: config.device = auto: CUDA when available).")
-flags.DEFINE_string("out_dir", None, "sample: output folder (default <workdir>/samples/step_<step>).")
+flags.DEFINE_string("out_dir", None, "sample: output folder (default <workdir>/samples/step_<step>); export: the "
+                    "export's folder (default <workdir>/export/step_<step>).")
+flags.DEFINE_bool("overwrite", False, "export: replace an export already in the output folder.")
 flags.mark_flags_as_required(["mode", "workdir"])
 
 _OVERRIDES = []
@@ -85,10 +99,31 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
+def _override_value(overrides, key):
+    """The value ``--config.<key>=v`` sets (the last one), or None."""
+    value = None
+    for item in overrides:
+        k, sep, v = item.partition("=")
+        if sep and k.strip() == key:
+            value = v.strip().strip("'\"")
+    return value
+
+
 def load_config(name_or_path, workdir, mode, overrides):
     from sde_diffusion import configs
     if not name_or_path:
         stored = os.path.join(workdir, "config.json")
+        source = (_override_value(overrides, "model.source") or "ours").lower()
+        if not os.path.isfile(stored) and mode == "sample" and source == "diffusers":
+            # a model from elsewhere needs no run: the base config (its data shape is taken from the UNet)
+            from sde_diffusion.configs.default import get_default_config
+            config = get_default_config()
+            config.lock()
+            return configs.apply_overrides(config, overrides)
+        if not os.path.isfile(stored) and mode == "sample" and source == "export":
+            exported = os.path.join(_override_value(overrides, "model.path") or "", "config.json")
+            if os.path.isfile(exported):
+                stored = exported            # the exported run's config, as a workdir's config.json would be
         if not os.path.isfile(stored):
             raise configs.ConfigError(f"--config is required (no {stored} to fall back on); named configs: "
                                       f"{', '.join(configs.CONFIG_NAMES)}")
@@ -157,7 +192,8 @@ def _run() -> int:
     from sde_diffusion.run.train import NonFiniteLossError, WorkdirError, prepare_workdir
     try:
         prepare_workdir(FLAGS.workdir, create=False)
-        config = load_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, _OVERRIDES)
+        # export reads the config stored in the checkpoint; any other mode needs one
+        config = None if FLAGS.mode == "export" else load_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, _OVERRIDES)
         if FLAGS.mode in ("train", "sample", "eval"):
             configs.validate(config, FLAGS.mode)
         if distributed.env_world() is not None and distributed.env_world()[1] > 1 and FLAGS.mode != "train":
@@ -166,7 +202,7 @@ def _run() -> int:
     except (configs.ConfigError, WorkdirError, ValueError) as e:
         _say(f"error: {e}", e)
         return 2
-    if FLAGS.mode in ("train", "sample", "eval"):
+    if FLAGS.mode in ("train", "sample", "eval", "train_autoencoder"):
         apply_threads(config)
     try:
         if FLAGS.mode == "train":
@@ -194,6 +230,29 @@ def _run() -> int:
             out = train_classifier(config, FLAGS.workdir, device=FLAGS.device)
             acc = ", ".join(f"t={t}: {a:.3f}" for t, a in out["eval"]["accuracy"].items())
             print(f"step {out['step']}: checkpoint {out['checkpoint']}\ntest accuracy of p(y | x_t, t): {acc}")
+        elif FLAGS.mode == "train_autoencoder":
+            from sde_diffusion.run.autoencoder_train import train_autoencoder
+            out = train_autoencoder(config, FLAGS.workdir, device=FLAGS.device)
+            if out["nothing_to_do"]:
+                print(f"nothing to do: {FLAGS.workdir} is already at step {out['step']} >= autoencoder.n_iters; "
+                      f"checkpoint {out['checkpoint']}")
+            else:
+                ev = out["eval"]
+                print(f"autoencoder done at step {out['step']}: checkpoint {out['checkpoint']}\n"
+                      f"test reconstruction mse/pixel {ev['test_mse']:.5f} (mean image {ev['mean_image_mse']:.5f}), "
+                      f"KL {ev['test_kl']:.2f} nats/example, latents {tuple(ev['latent_shape'])}, scale factor "
+                      f"{out['scale_factor']:.4f}")
+        elif FLAGS.mode == "export":
+            from sde_diffusion.run.export import export_model
+            if _OVERRIDES or FLAGS.config:
+                raise configs.ConfigError("--mode export writes the config stored in the checkpoint: it takes no "
+                                          "--config nor --config.* overrides")
+            out = export_model(FLAGS.workdir, checkpoint=FLAGS.checkpoint, out_dir=FLAGS.out_dir,
+                               overwrite=FLAGS.overwrite)
+            print(f"exported the EMA weights of step {out['step']} ({out['num_tensors']} tensors, "
+                  f"{out['num_parameters']} parameters)\nweights: {out['weights']}\nconfig:  {out['config']}\n"
+                  f"sample with: --mode sample --workdir DIR --config.model.source=export "
+                  f"--config.model.path={out['out_dir']}")
         elif FLAGS.mode == "sample":
             from sde_diffusion.run.sampling import sample
             out = sample(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device,

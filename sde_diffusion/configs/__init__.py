@@ -2,7 +2,9 @@
 
 * ``get_config(name_or_path)`` — a named config (``vp_cifar``, ``subvp_cifar``, ``ve_cifar``, ``vp_digits``,
   ``toy_2d``, ``toy_1d``; class-conditional ``vp_digits_cond``, ``vp_cifar_cond``; time-dependent classifiers for
-  classifier guidance ``digits_classifier``, ``cifar_classifier``; flow matching ``fm_digits``, EDM ``edm_digits``), a
+  classifier guidance ``digits_classifier``, ``cifar_classifier``; flow matching ``fm_digits``, EDM ``edm_digits``;
+  learned reverse variances ``vp_digits_learned_var``; CIFAR-10 flow matching and EDM with published
+  hyper-parameters ``fm_cifar``, ``edm_cifar``; latent diffusion ``ldm_digits``, ``ldm_cifar``), a
   Python file defining ``get_config()``, or a JSON file (e.g. a run's ``config.json``).
 * ``apply_overrides(config, ["training.batch_size=8", ...])`` — typed overrides with errors that name the closest
   valid keys (difflib) and the expected type.
@@ -21,7 +23,8 @@ from typing import Iterable, List, Mapping, Union
 import ml_collections
 
 CONFIG_NAMES = ("vp_cifar", "subvp_cifar", "ve_cifar", "vp_digits", "toy_2d", "toy_1d", "vp_digits_cond",
-                "vp_cifar_cond", "digits_classifier", "cifar_classifier", "fm_digits", "edm_digits")
+                "vp_cifar_cond", "digits_classifier", "cifar_classifier", "fm_digits", "edm_digits",
+                "vp_digits_learned_var", "ldm_digits", "ldm_cifar", "fm_cifar", "edm_cifar")
 
 __all__ = ["get_config", "available_configs", "apply_overrides", "parse_override", "build_sde", "ConfigError",
            "config_from_json", "CONFIG_NAMES", "validate"]

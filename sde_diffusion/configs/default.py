@@ -21,11 +21,18 @@ def get_default_config():
     compute.grad_accum = 1            # micro-batches per rank per update: the global batch training.batch_size is
     #                                   split into world_size * grad_accum micro-batches (must divide it)
     compute.autocast = "none"         # none | bf16 (network forward in training under torch.autocast, CPU or CUDA)
+    #                                   | fp16 (CUDA only: float16 autocast with a torch.amp.GradScaler)
     compute.adam_impl = "auto"        # auto (fused where supported, else foreach) | fused | foreach | loop
     compute.ema_foreach = True        # EMA update with torch._foreach_lerp_ (same numbers as the per-tensor loop)
     compute.channels_last = False     # image networks: NHWC weights and inputs (ignored for 1-D / 2-D data)
     compute.compile = False           # torch.compile of the score network in training (opt-in: slow to compile)
     compute.dist_timeout = 1800       # seconds a torchrun rank waits in a collective before the group gives up
+    compute.dataloader_workers = 0    # background threads assembling the next batches (in-memory data: index, flip,
+    #                                   dequantise; the same batches as in the loop); 0 = in the loop
+    compute.pin_memory = True         # page-locked batches for asynchronous host -> GPU copies (CUDA only)
+    compute.cudnn_benchmark = True    # cuDNN autotuning for the fixed training shapes (CUDA only; off when
+    #                                   deterministic = True)
+    compute.tf32 = True               # TF32 matmuls / convolutions on Ampere+ GPUs (CUDA only)
 
     config.training = training = ml_collections.ConfigDict()
     training.sde = "vp"               # vp | subvp | ve (any name sde_diffusion.sdes.get_sde knows)
@@ -46,6 +53,7 @@ def get_default_config():
     training.fm_ot = False            # fm: pair noise and data by minibatch optimal transport (linear_sum_assignment)
     training.P_mean = -1.2            # edm: ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)
     training.P_std = 1.2
+    training.vlb_weight = 0.001       # ddpm with model.learned_variance: lambda of Improved DDPM's L_simple + lambda L_vlb
     training.progress = True          # tqdm progress bar (only drawn on a terminal)
 
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -70,7 +78,7 @@ def get_default_config():
     sampling.solver = "heun"          # ode: euler | heun | rk4 (adaptive RK45 is sampling.method = rk45)
     sampling.rtol = 1e-5              # adaptive methods (rk45)
     sampling.atol = 1e-5
-    sampling.variance = "posterior"   # ancestral
+    sampling.variance = "posterior"   # ancestral: posterior | beta | learned | auto (learned if the model has it)
     sampling.eta = 0.0                # ddim
     # controllable generation (issue 8)
     sampling.guidance = "none"        # none | cfg (classifier-free) | classifier
@@ -107,6 +115,15 @@ def get_default_config():
     #                                   data (digits: bins centred on the 17 levels the model saw); toy data: none
     evaluate.bpd_num_levels = 0       # levels per dimension (0 = the dataset's: cifar10 256, digits 17)
     evaluate.bpd_num_repeats = 1      # dequantisation draws per example (the bpd averages over them)
+    # variational bounds (sde_diffusion.elbo): DDPM's discrete bound (VP only) for the beta / posterior (/ learned)
+    # reverse variances, and the continuous-time bound (VDM; Song et al. 2021b), with their terms
+    evaluate.enable_elbo = False
+    evaluate.elbo_num_examples = -1   # the first n test examples (-1 = the whole test split)
+    evaluate.elbo_batch_size = 64
+    evaluate.elbo_num_steps = 0       # K levels of the DDPM chain (0 = all N; K < N: Improved DDPM's even striding)
+    evaluate.elbo_num_t = 32          # continuous bound: draws of t per example (0 = no continuous bound)
+    evaluate.elbo_importance = "logsnr"  # logsnr (t with density ~ -dlambda/dt, i.e. lambda uniform) | uniform
+    evaluate.elbo_clip_denoised = False  # clamp x0_hat to the data range in the reverse means and the decoder
     # samples drawn with config.sampling.* (method, num_steps, ...) and their quality
     evaluate.enable_sampling = True
     evaluate.num_generated = 1000     # samples per checkpoint (FID is usually quoted for 50_000)
@@ -116,9 +133,14 @@ def get_default_config():
     #                                   inception | none
     evaluate.inception_weights = ""   # inception metrics: pt_inception-2015-12-05-6726825d.pth (pytorch-fid's)
     evaluate.fid_reference = "train"  # inception metrics: the data split the samples are compared with
+    evaluate.fid_preprocess = "pytorch_fid"  # inception metrics' convention: pytorch_fid (pytorch-fid's bilinear resize
+    #                                   of [0, 1] floats) | tf (the TF graph's resize of 8-bit images, as torch-fidelity
+    #                                   and clean-fid's legacy_tensorflow; KID subsets and IS folds as torch-fidelity's)
     evaluate.kid_subsets = 100
     evaluate.kid_subset_size = 1000
     evaluate.is_splits = 10
+    evaluate.enable_prc = True        # inception metrics: precision / recall (Kynkäänniemi et al. 2019) of pool3
+    evaluate.prc_neighborhood = 3     # k of the k-NN balls (the paper's and torch-fidelity's 3)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"          # cifar10 | digits | toy
@@ -133,11 +155,22 @@ def get_default_config():
     data.uniform_dequantization = False
 
     config.model = model = ml_collections.ConfigDict()
+    # where --mode sample takes the model from (issue 16): ours (the workdir's checkpoint) | export (an export folder
+    # written by --mode export: safetensors EMA weights + config.json) | diffusers (a diffusers UNet2DModel folder with
+    # its scheduler config, sde_diffusion.external); model.path is the folder for export / diffusers
+    model.source = "ours"
+    model.path = ""
+    # latent diffusion (sde_diffusion.autoencoder): the workdir of a --mode train_autoencoder run ("" = diffuse in data
+    # space); the score network then works on its scaled latents (the config's `autoencoder` section gives their
+    # shape), sampling decodes, eval measures in data space.  latent_sample: encode a posterior sample, not the mean
+    model.autoencoder_workdir = ""
+    model.latent_sample = False
     model.name = "unet"
     model.parameterization = "noise"  # noise | score | direct | x0 | v | velocity (see sde_diffusion.networks.utils)
     model.precond = "none"            # none | edm (EDM's c_skip/c_out/c_in/c_noise wrapper; needs parameterization x0)
     model.sigma_data = 0.5            # EDM: data std of the preconditioning and of the edm loss's weighting
     model.num_classes = 0             # > 0: class-conditional (label embedding with num_classes + 1 rows)
+    model.learned_variance = False    # Improved DDPM: extra outputs v, Sigma = exp(v log beta + (1-v) log beta~); ddpm loss
     model.ema_rate = 0.9999
     model.nf = 128
     model.ch_mult = (1, 2, 2, 2)

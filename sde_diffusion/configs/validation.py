@@ -92,6 +92,11 @@ def _common(config):
         _number(config, "data.image_size", integer=True, lo=1)
         _number(config, "data.num_channels", integer=True, lo=1)
     _number(config, "model.num_classes", integer=True, lo=0)
+    _choice(config, "model.source", ("ours", "export", "diffusers"))
+    source, path = _get(config, "model.source"), _get(config, "model.path")
+    if source is not _MISSING and str(source).lower() != "ours" and (not isinstance(path, str) or not path):
+        raise ConfigError(f"config key 'model.path' must name the folder to load with model.source = {source} "
+                          f"(--config.model.path=DIR), got {path!r}")
     _number(config, "model.num_scales", integer=True, lo=1)
     _number(config, "model.beta_min", lo=0, lo_open=True)
     _number(config, "model.beta_max", lo=0, lo_open=True)
@@ -112,6 +117,10 @@ def _common(config):
                           f"outputs EDM's denoiser D), got {_get(config, 'model.parameterization')!r}")
     _number(config, "model.dropout", lo=0, hi=1, hi_open=True)
     _number(config, "model.ema_rate", lo=0, hi=1)
+    _bool(config, "model.learned_variance")
+    if _get(config, "model.learned_variance") is True and str(_get(config, "training.loss")) != "ddpm":
+        raise ConfigError(f"config key 'model.learned_variance' needs training.loss = ddpm (Improved DDPM's hybrid "
+                          f"loss trains v), got training.loss = {_get(config, 'training.loss')!r}")
 
 
 def _compute(config, mode):
@@ -122,11 +131,15 @@ def _compute(config, mode):
     if mode != "train":
         return
     _number(config, c + "grad_accum", integer=True, lo=1)
-    _choice(config, c + "autocast", ("none", "bf16"))
+    _choice(config, c + "autocast", ("none", "bf16", "fp16"))
     _choice(config, c + "adam_impl", ("auto", "fused", "foreach", "loop"))
     _bool(config, c + "ema_foreach")
     _bool(config, c + "channels_last")
     _bool(config, c + "compile")
+    _number(config, c + "dataloader_workers", integer=True, lo=0, text=">= 0 (0 = batches assembled in the loop)")
+    _bool(config, c + "pin_memory")
+    _bool(config, c + "cudnn_benchmark")
+    _bool(config, c + "tf32")
     accum, batch = _get(config, c + "grad_accum"), _get(config, "training.batch_size")
     if accum is not _MISSING and isinstance(batch, int) and batch % accum:
         raise ConfigError(f"config key 'compute.grad_accum' must divide training.batch_size = {batch} "
@@ -148,6 +161,7 @@ def _training(config):
     _bool(config, t + "fm_ot")
     _number(config, t + "P_mean")
     _number(config, t + "P_std", lo=0, lo_open=True)
+    _number(config, t + "vlb_weight", lo=0)
     _choice(config, t + "reduce", ("mean", "sum"))
     _bool(config, t + "snapshot_sampling")
     _bool(config, t + "progress")
@@ -183,6 +197,12 @@ def _eval(config):
     _number(config, e + "sample_seed", integer=True, lo=0)
     _bool(config, e + "enable_bpd")
     _bool(config, e + "enable_sampling")
+    _bool(config, e + "enable_elbo")
+    _number(config, e + "elbo_batch_size", integer=True, lo=1)
+    _number(config, e + "elbo_num_steps", integer=True, lo=0, text=">= 0 (0 = every level of the chain)")
+    _number(config, e + "elbo_num_t", integer=True, lo=0, text=">= 0 (0 = no continuous bound)")
+    _choice(config, e + "elbo_importance", ("logsnr", "uniform"))
+    _bool(config, e + "elbo_clip_denoised")
 
 
 def validate(config, mode: str = "train") -> None:

@@ -3,7 +3,9 @@
 * ``register_network(name)`` — class decorator; the class is built as ``cls(config)``.
 * ``get_network(config)`` — builds ``config.model.name`` (``mlp``, ``unet``), wraps it in EDM's preconditioning when
   ``model.precond = edm`` (``precond.EDMPrecond``, sigma_data = ``model.sigma_data``) and records the output
-  parameterisation on the module (``model.parameterization``: noise, score, direct, x0, v, velocity).
+  parameterisation on the module (``model.parameterization``: noise, score, direct, x0, v, velocity).  With
+  ``model.learned_variance`` the network has twice the output channels (dim 1): the prediction, then Improved DDPM's
+  variance interpolation v (Nichol & Dhariwal 2021, eq. 15); it needs ``training.loss = ddpm`` (the hybrid loss).
 * ``get_model(sde, model, train=False, y=None)`` — the ``prediction.Model`` every sampler takes (declared output and
   time convention: a network trained with a discrete loss is evaluated at its own noise levels).
 * ``get_score_fn(sde, model, train=False, y=None)`` — the plain ``score_fn(x, t)`` of the same model.
@@ -25,6 +27,10 @@ available_networks = _NETWORKS.names
 def get_network(config) -> nn.Module:
     """Build the network named by ``config.model.name`` (float32, on the CPU)."""
     name = config.model.name
+    learned = bool(config.model.get("learned_variance", False))
+    if learned and str(config.training.loss) != "ddpm":
+        raise ValueError(f"model.learned_variance needs the discrete eps-loss with its variational term "
+                         f"(training.loss = ddpm, the hybrid loss of Improved DDPM), got {config.training.loss!r}")
     model = _NETWORKS.get(name)(config)
     parameterization = check_parameterization(config.model.parameterization)
     precond = str(config.model.get("precond", "none"))
@@ -38,6 +44,7 @@ def get_network(config) -> nn.Module:
         from ..configs import build_sde
         model = EDMPrecond(model, build_sde(config), sigma_data=float(config.model.sigma_data))
     model.parameterization = parameterization
+    model.learned_variance = learned
     model.num_classes = int(config.model.num_classes)
     # DDPM's and SMLD's discrete losses train at the chain's N levels: the model is then sampled at those levels
     model.time_convention = "discrete" if str(config.training.loss) in ("ddpm", "smld") else "continuous"

@@ -35,7 +35,8 @@ class MLPScoreNet(nn.Module):
     """x (B, *D) with prod(D) = ``model.data_dim`` (inferred from ``data.dim`` when absent) -> (B, *D).
 
     Config: ``model.nf`` (width), ``model.num_layers`` (residual layers), ``model.embedding_type``,
-    ``model.time_scale``, ``model.fourier_scale``, ``model.nonlinearity``, ``model.dropout``, ``model.num_classes``.
+    ``model.time_scale``, ``model.fourier_scale``, ``model.nonlinearity``, ``model.dropout``, ``model.num_classes``,
+    ``model.learned_variance`` (output (B, 2 D_1, D_2, ...): the prediction, then the variance interpolation v).
     """
 
     def __init__(self, config):
@@ -48,7 +49,9 @@ class MLPScoreNet(nn.Module):
         self.inp = dense(self.dim, width)
         self.layers = nn.ModuleList(_ResidualLayer(width, m.nonlinearity, m.dropout) for _ in range(m.num_layers))
         self.act = get_act(m.nonlinearity)
-        self.out = dense(width, self.dim, init_scale=0.0)
+        # model.learned_variance: a second block of outputs, Improved DDPM's v, stacked along dim 1
+        self.num_outputs = 2 if bool(m.get("learned_variance", False)) else 1
+        self.out = dense(width, self.dim * self.num_outputs, init_scale=0.0)
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         shape = x.shape
@@ -56,4 +59,7 @@ class MLPScoreNet(nn.Module):
         temb = self.time_embed(t, y)
         for layer in self.layers:
             h = layer(h, temb)
-        return self.out(self.act(h)).reshape(shape)
+        out = self.out(self.act(h))
+        if self.num_outputs == 1:
+            return out.reshape(shape)
+        return out.reshape(shape[0], self.num_outputs * shape[1], *shape[2:])   # (B, 2 D_1, D_2, ...)

@@ -13,6 +13,7 @@ Conditioning: time embedding (+ optional label embedding) is added to every resi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -21,7 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import register_network
-from .layers import TimeEmbedding, conv1x1, conv3x3, dense, get_act
+from .layers import TimeEmbedding, conv1x1, conv3x3, dense, get_act, pointwise
 
 Tensor = torch.Tensor
 
@@ -30,8 +31,30 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=max(1, min(channels // 4, 32)), num_channels=channels, eps=1e-6)
 
 
+_REFERENCE_OPS = False
+
+
+@contextlib.contextmanager
+def reference_ops(enabled: bool = True):
+    """Within the block, the U-Net computes its 1x1 projections with ``Conv2d`` and attention with two einsums and
+    a softmax (the original formulation) instead of GEMMs and ``scaled_dot_product_attention``: the same maths and
+    parameters, kept for the before/after benchmark (``experiments/throughput.py --variants reference_ops``) and the
+    equality test."""
+    global _REFERENCE_OPS
+    prev, _REFERENCE_OPS = _REFERENCE_OPS, bool(enabled)
+    try:
+        yield
+    finally:
+        _REFERENCE_OPS = prev
+
+
 class AttnBlock(nn.Module):
-    """Single-head self-attention over spatial positions (DDPM's AttnBlock)."""
+    """Single-head self-attention over spatial positions (DDPM's AttnBlock): with h = GN(x) as (B, L = H W, C),
+    [q, k, v] = h W_qkv^T + b_qkv, out = x + (softmax(q k^T / sqrt(C)) v) W_proj^T + b_proj.
+
+    ``qkv`` / ``proj`` stay 1x1 ``Conv2d`` parameters (checkpoints unchanged); the forward uses their weights as
+    (C_out, C_in) matrices with ``F.linear`` on the (B, L, C) view and ``F.scaled_dot_product_attention`` (fused
+    kernels: flash / memory-efficient on CUDA, a fused one on CPU), as diffusers' attention does."""
 
     def __init__(self, channels: int, skip_rescale: bool = False):
         super().__init__()
@@ -42,9 +65,16 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)
-        h = self.proj(torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W))
+        if _REFERENCE_OPS:
+            q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+            w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)
+            h = self.proj(torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W))
+        else:
+            h = self.norm(x).flatten(2).transpose(1, 2)                    # (B, L, C); a view for channels-last x
+            q, k, v = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias).chunk(3, dim=-1)
+            h = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(C)) v
+            h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)
+            h = h.transpose(1, 2).reshape(B, C, H, W)
         return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 
@@ -102,7 +132,8 @@ class ResBlock(nn.Module):
         h = self.conv0(h)
         h = h + self.temb(self.act(temb))[:, :, None, None]
         h = self.conv1(self.drop(self.act(self.norm1(h))))
-        x = self.skip(x) if self.skip is not None else x
+        if self.skip is not None:             # the 1x1 projection as a GEMM (layers.pointwise), same parameters
+            x = self.skip(x) if _REFERENCE_OPS else pointwise(self.skip, x)
         return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 
@@ -113,7 +144,8 @@ class UNet(nn.Module):
     Config (``model.*``): ``nf``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``dropout``,
     ``resblock_type`` (``ddpm`` | ``biggan``), ``skip_rescale``, ``resamp_with_conv``, ``nonlinearity``,
     ``embedding_type`` (``positional`` | ``fourier``), ``time_scale``, ``fourier_scale``, ``num_classes``,
-    ``init_scale`` (of the output conv; 0 = zero init).
+    ``init_scale`` (of the output conv; 0 = zero init), ``learned_variance`` (2C output channels: the prediction, then
+    the variance interpolation v).
     """
 
     def __init__(self, config):
@@ -183,7 +215,9 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch)
         self.act = get_act(act)
-        self.conv_out = conv3x3(ch, self.channels, init_scale=m.init_scale)
+        # model.learned_variance: C more channels for Improved DDPM's v (zero init like the rest: v = 0, beta-tilde)
+        out_ch = self.channels * (2 if bool(m.get("learned_variance", False)) else 1)
+        self.conv_out = conv3x3(ch, out_ch, init_scale=m.init_scale)
         self.biggan = biggan
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:

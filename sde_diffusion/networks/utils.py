@@ -55,12 +55,26 @@ def _labels(y, x: Tensor) -> Optional[Tensor]:
     return y
 
 
+def split_variance_output(model: nn.Module, out: Tensor, x: Tensor):
+    """(prediction, v) of a network's raw output: a ``model.learned_variance`` network stacks Improved DDPM's
+    variance interpolation v after the prediction along dim 1 (2 C channels); other networks give (out, None)."""
+    if not getattr(model, "learned_variance", False):
+        return out, None
+    if out.dim() < 2 or out.shape[1] != 2 * x.shape[1]:
+        raise ValueError(f"a learned-variance network must return 2 x {x.shape[1]} entries along dim 1 for x of "
+                         f"shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    pred, v = out.chunk(2, dim=1)
+    return pred, v
+
+
 def get_noise_fn(model: nn.Module, train: bool = False, y=None,
-                 parameterization: Optional[str] = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+                 parameterization: Optional[str] = None, with_variance: bool = False):
     """``noise_fn(x, t, std) -> eps_hat``: the network's prediction of the unit noise z in x = a x0 + std z.
 
     ``std`` (shape () or (B,)) is needed only by the ``direct`` parameterisation.  ``train`` sets the module's mode
     (dropout); gradients are not switched off here — wrap calls in ``torch.no_grad()`` when you need none.
+    ``with_variance``: return ``(eps_hat, v)`` with v the learned variance interpolation (None for a network without
+    ``model.learned_variance``).
     """
     param = check_parameterization(parameterization or getattr(model, "parameterization", "noise"))
     if param not in NOISE_PARAMETERIZATIONS:
@@ -72,12 +86,14 @@ def get_noise_fn(model: nn.Module, train: bool = False, y=None,
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        out = model(x, t, _labels(y, x))
+        out, v = split_variance_output(model, model(x, t, _labels(y, x)), x)
         if param == "noise":
-            return out
-        if param == "score":
-            return -out
-        return -expand_as_batch(torch.as_tensor(std, dtype=x.dtype, device=x.device), x) * out
+            eps = out
+        elif param == "score":
+            eps = -out
+        else:
+            eps = -expand_as_batch(torch.as_tensor(std, dtype=x.dtype, device=x.device), x) * out
+        return (eps, v) if with_variance else eps
     return noise_fn
 
 
@@ -107,19 +123,23 @@ def get_model(sde, model: nn.Module, train: bool = False, y=None, parameterizati
     if convention not in ("continuous", "discrete"):
         raise ValueError(f"unknown time convention {convention!r}; available: continuous, discrete")
 
+    learned = bool(getattr(model, "learned_variance", False))
+
     def fn(x, t):
         model.train(train)
-        out = model(x, t, _labels(y, x))
-        return -out if param == "score" else out
+        out, v = split_variance_output(model, model(x, t, _labels(y, x)), x)
+        out = -out if param == "score" else out
+        return (out, v) if learned else out
 
     output = OUTPUT_OF[param]
     if convention == "discrete" and param not in NOISE_PARAMETERIZATIONS:
         raise ValueError(f"a discrete-time model (trained with DDPM's or SMLD's loss) must predict the noise, got "
                          f"model.parameterization {param!r}")
     if convention == "continuous":
-        return Model(fn, output)
+        return Model(fn, output, learned_variance=learned)
     scale = sde.T / max(sde.N - 1, 1)
-    return Model(fn, output, discrete=discrete_levels(sde), model_time=lambda idx: idx * scale)
+    return Model(fn, output, discrete=discrete_levels(sde), model_time=lambda idx: idx * scale,
+                 learned_variance=learned)
 
 
 def get_score_fn(sde, model: nn.Module, train: bool = False, y=None,

@@ -259,7 +259,8 @@ def load_model(workdir: str, config=None, checkpoint: Union[None, int, str] = No
     state = load_checkpoint(path, map_location=device)
     config = _config_for(workdir, state, config)
     sde = configs_lib.build_sde(config)
-    model = get_network(config)
+    from ..autoencoder import network_config
+    model = get_network(network_config(config))      # a latent config's network works on its latents' shape
     try:
         model.load_state_dict(state["ema"]["model"])
     except RuntimeError as e:

@@ -11,6 +11,11 @@ Stages, per checkpoint, in this order (EMA weights):
   ``loss``     the training objective on the test split with a fixed generator (``eval.seed``)          [always]
   ``bpd``      bits/dim of the first ``eval.bpd_num_examples`` test examples through the probability-flow ODE
                (``sde_diffusion.likelihood.nll``), ``eval.bpd_batch_size`` at a time               [``eval.enable_bpd``]
+  ``elbo``     variational bounds (``sde_diffusion.elbo``) of the first ``eval.elbo_num_examples`` test examples:
+               DDPM's discrete bound on the VP chain (``eval.elbo_num_steps`` levels, 0 = all) for the beta,
+               posterior and (learned-variance models) learned reverse variances from the same network calls, and
+               the continuous-time bound (``eval.elbo_num_t`` draws of t, ``eval.elbo_importance``); each with its
+               prior / diffusion / decoder terms; batches are resumable units                   [``eval.enable_elbo``]
   ``samples``  ``eval.num_generated`` samples with ``config.sampling.*``, ``eval.generate_batch_size`` at a time
                                                                                           [``eval.enable_sampling``]
   ``metrics``  ``eval.sample_metrics``: ``digits`` (``DigitsEvaluator``: confident-label share, class coverage,
@@ -38,6 +43,8 @@ Files under ``<workdir>/eval/``:
   ``inception_<dataset>_<split>.npz``    Inception statistics of the reference data (computed once)
 
 TensorBoard (``<workdir>/tensorboard``): ``eval/test_loss``, ``eval/bpd``, ``eval/bpd_stderr``, ``eval/bpd_nfe``,
+``eval/elbo_<bound>_{bpd, bpd_stderr, prior_bpd, diffusion_bpd, decoder_bpd}`` (bound: beta, posterior, learned,
+continuous),
 ``eval/sample_nfe``, the image ``eval/samples``, ``eval/digits_*`` and ``eval/digits_floor_*``, or ``eval/fid``,
 ``eval/kid``, ``eval/inception_score``; at the checkpoint's step.
 
@@ -73,6 +80,7 @@ import torch
 from absl import logging
 
 from ..atomic import atomic_path, remove_stale_temp_files
+from ..autoencoder import is_latent
 from .. import configs as configs_lib
 from .. import likelihood as likelihood_lib
 from ..data import get_data_scaler, get_dataset, mix_seed
@@ -89,10 +97,10 @@ Tensor = torch.Tensor
 
 __all__ = ["EvaluationError", "test_loss", "evaluate", "eval_dir", "state_path", "summary_path", "summary_line", "STAGES"]
 
-STAGES = ("loss", "bpd", "samples", "metrics")
+STAGES = ("loss", "bpd", "elbo", "samples", "metrics")
 SAMPLE_METRICS = ("auto", "digits", "inception", "none")
 DEQUANTIZE = ("auto", "uniform", "uniform_centered", "none")
-_BPD_SALT, _SAMPLE_SALT = 0xB9D, 0x5A3
+_BPD_SALT, _SAMPLE_SALT, _ELBO_SALT = 0xB9D, 0x5A3, 0xE1B0
 
 
 class EvaluationError(ValueError):
@@ -125,9 +133,15 @@ def test_loss(config, sde, model, device="cpu") -> dict:
     scaler = get_data_scaler(config)
     loss_fn = get_loss_fn(config, sde)
     gen = torch.Generator(device=device).manual_seed(int(config.eval.seed))
+    codec = None
+    if is_latent(config):       # latent diffusion: the loss is measured on the encoded test data
+        from .autoencoder_train import load_codec
+        codec = load_codec(config, device)
     total, count = 0.0, 0
     for x, y in dataset.iterate(int(config.eval.batch_size)):
         x = scaler(x.to(device))
+        if codec is not None:
+            x = codec.encode(x, generator=gen)
         y = y.to(device) if int(config.model.num_classes) > 0 else None
         loss = loss_fn(model, x, y, train=False, generator=gen)
         total += float(loss) * x.shape[0]
@@ -189,7 +203,11 @@ def _plan(config, dataset) -> Dict[str, dict]:
                      "loss": config.training.loss, "weighting": config.training.weighting,
                      "reduce": config.training.reduce, "eps": float(config.training.eps),
                      "num_examples": len(dataset)}}
-    if bool(e.enable_bpd):
+    latent = is_latent(config)
+    if latent and (bool(e.enable_bpd) or bool(e.get("enable_elbo", False))):
+        logging.info("a latent model (model.autoencoder_workdir): bits/dim and variational bounds would be those of "
+                     "the latents, not of the data; the bpd and elbo stages are skipped")
+    if bool(e.enable_bpd) and not latent:
         method = _choice(e.bpd_method, ("hutchinson", "exact"), "bpd_method")
         solver = _choice(e.bpd_solver, likelihood_lib.SOLVERS, "bpd_solver")
         deq = _choice(e.bpd_dequantize, DEQUANTIZE, "bpd_dequantize")
@@ -230,6 +248,8 @@ def _plan(config, dataset) -> Dict[str, dict]:
         else:
             bpd["num_steps"] = _positive(int(e.bpd_num_steps), "bpd_num_steps")
         plan["bpd"] = bpd
+    if bool(e.get("enable_elbo", False)) and not latent:
+        plan["elbo"] = _elbo_plan(config, dataset)
     if bool(e.enable_sampling):
         import solvers
         if config.sampling.method not in solvers.available():
@@ -251,11 +271,20 @@ def _plan(config, dataset) -> Dict[str, dict]:
             if kind == "digits":
                 metrics["floor_seed"] = int(e.seed)
             else:
+                from ..evaluation.fid import PROTOCOLS
+                # the convention a number was computed with is part of its settings (and of the summary)
+                preprocess = _choice(e.fid_preprocess, tuple(PROTOCOLS), "fid_preprocess")
+                prc_k = _positive(int(e.prc_neighborhood), "prc_neighborhood") if bool(e.enable_prc) else 0
+                if prc_k and samples["num"] <= prc_k:
+                    raise EvaluationError(f"precision / recall need eval.num_generated > eval.prc_neighborhood = "
+                                          f"{prc_k}, got {samples['num']} (or set eval.enable_prc=false)")
                 metrics.update(reference=_choice(e.fid_reference, ("train", "test"), "fid_reference"),
                                weights=os.path.basename(str(e.inception_weights)),
+                               preprocess=preprocess,
                                kid_subsets=_positive(int(e.kid_subsets), "kid_subsets"),
                                kid_subset_size=_positive(int(e.kid_subset_size), "kid_subset_size", 2),
-                               is_splits=_positive(int(e.is_splits), "is_splits"))
+                               is_splits=_positive(int(e.is_splits), "is_splits"),
+                               prc_neighborhood=prc_k, prc_seed=int(e.seed), **PROTOCOLS[preprocess])
             plan["metrics"] = metrics
     return _normalised(plan)
 
@@ -382,19 +411,30 @@ class _Context:
     def inception(self):
         if self._inception is None:
             from ..evaluation.fid import InceptionMetrics
+            preprocess = self.inception_preprocess()
             try:
-                model = load_fid_inception(self.config.eval.inception_weights, self.device)
+                # (path, device) alone for the default convention: the call stand-ins in tests replace
+                model = (load_fid_inception(self.config.eval.inception_weights, self.device)
+                         if preprocess == "pytorch_fid" else
+                         load_fid_inception(self.config.eval.inception_weights, self.device, preprocess=preprocess))
             except (FileNotFoundError, ValueError) as e:
                 raise EvaluationError(str(e)) from None
             self._inception = InceptionMetrics(None, self.device, model=model)
         return self._inception
 
+    def inception_preprocess(self) -> str:
+        """``eval.fid_preprocess``: the Inception's input convention, ``pytorch_fid`` or ``tf``."""
+        return str(self.config.eval.get("fid_preprocess", "pytorch_fid")).lower()
+
     def reference(self):
-        """Inception statistics (mu, sigma, pool3) of the ``eval.fid_reference`` split, cached as .npz."""
+        """Inception statistics (mu, sigma, pool3) of the ``eval.fid_reference`` split, cached as .npz (one file per
+        input convention: ``inception_<dataset>_<split>.npz`` for pytorch_fid's, ``inception_tf_...`` for TF's)."""
         if self._reference is None:
             from ..evaluation.fid import compute_features, feature_statistics, load_statistics, save_statistics
             split = str(self.config.eval.fid_reference).lower()
-            path = os.path.join(eval_dir(self.workdir), f"inception_{self.config.data.dataset.lower()}_{split}.npz")
+            tag = "" if self.inception_preprocess() == "pytorch_fid" else f"{self.inception_preprocess()}_"
+            path = os.path.join(eval_dir(self.workdir),
+                                f"inception_{tag}{self.config.data.dataset.lower()}_{split}.npz")
             if os.path.isfile(path):
                 self._reference = load_statistics(path)
             else:
@@ -413,9 +453,9 @@ class _Context:
         return self._reference
 
 
-def load_fid_inception(path, device):
+def load_fid_inception(path, device, preprocess: str = "pytorch_fid"):
     from ..evaluation.inception import load_fid_inception as load
-    return load(path, device)
+    return load(path, device, preprocess=preprocess)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -500,6 +540,131 @@ def _stage_bpd(ctx, model_fn, rec, state) -> dict:
                  "per batch, %.1f s)", step, mean, result["bpd_stderr"], n, s["method"], s["solver"], s["dequantize"],
                  result["nfe_per_batch"], result["seconds"])
     return result
+
+
+# ------------------------------------------------------------------------------------------------ elbo
+def _elbo_plan(config, dataset) -> dict:
+    """Settings of the ``elbo`` stage: DDPM's discrete bound (VP only) for each reverse variance, and the continuous
+    bound (``eval.elbo_num_t`` > 0), on the first ``eval.elbo_num_examples`` test examples."""
+    from .. import elbo as elbo_lib
+    e = config.eval
+    toy = config.data.dataset.lower() == "toy"
+    n = int(e.elbo_num_examples)
+    if n == 0 or n < -1:
+        raise EvaluationError(f"eval.elbo_num_examples must be >= 1 or -1 (all), got {n}")
+    n = len(dataset) if n == -1 or n > len(dataset) else n
+    sde_name = str(config.training.sde).lower()
+    discrete = sde_name in ("vp", "vpsde")
+    if not discrete:
+        logging.info("eval.enable_elbo: training.sde = %s has no DDPM chain; only the continuous bound is computed",
+                     sde_name)
+    K = int(e.elbo_num_steps)
+    N = int(config.model.num_scales)
+    if discrete and not 0 <= K <= N:
+        raise EvaluationError(f"eval.elbo_num_steps must be in [0, model.num_scales = {N}] (0 = all), got {K}")
+    num_t = int(e.elbo_num_t)
+    if num_t < 0 or (num_t == 0 and not discrete):
+        raise EvaluationError(f"eval.elbo_num_t must be >= 1 (the continuous bound is the only one on "
+                              f"{sde_name}), got {num_t}" if not discrete else f"eval.elbo_num_t must be >= 0, "
+                              f"got {num_t}")
+    levels = 0 if toy else (int(e.get("bpd_num_levels", 0)) or int(getattr(dataset, "levels", 0)))
+    if not toy and levels < 2:
+        raise EvaluationError(f"the discretised decoder needs the data's levels (eval.bpd_num_levels or the "
+                              f"dataset's), got {levels}")
+    learned = bool(config.model.get("learned_variance", False))
+    variances = (["beta", "posterior"] + (["learned"] if learned else [])) if discrete else []
+    return {"num_examples": n, "batch_size": _positive(int(e.elbo_batch_size), "elbo_batch_size"),
+            "seed": int(e.seed), "variances": variances, "num_steps": K if discrete else None,
+            "decoder": "gaussian" if toy else "discretized", "num_levels": levels,
+            "data_range": None if toy else ([-1.0, 1.0] if config.data.centered else [0.0, 1.0]),
+            "clip_denoised": bool(e.elbo_clip_denoised), "num_t": num_t,
+            "importance": _choice(e.elbo_importance, elbo_lib.IMPORTANCE, "elbo_importance")}
+
+
+def _stage_elbo(ctx, model_fn, rec, state) -> dict:
+    """Per batch: every bound's per-example totals and terms, summed (and the totals' squares) into the unit."""
+    from .. import elbo as elbo_lib
+    from ..networks import get_model
+    s = rec["settings"]
+    n, bs = s["num_examples"], s["batch_size"]
+    nb = math.ceil(n / bs)
+    units = rec.setdefault("units", {})
+    todo = [i for i in range(nb) if str(i) not in units]
+    step = state.data["step"]
+    if todo:
+        config, sde, model = model_fn()
+        x_all, y_all = _first_examples(ctx.dataset, n, bs)
+        scaler = get_data_scaler(config)
+        conditional = int(config.model.num_classes) > 0
+        dec = dict(decoder=s["decoder"], clip_denoised=s["clip_denoised"])
+        if s["decoder"] == "discretized":
+            dec.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))
+        from tqdm.auto import tqdm
+        bar = tqdm(total=nb, initial=nb - len(todo), desc=f"bounds step {step}", unit="batch", dynamic_ncols=True,
+                   disable=ctx.progress)
+        try:
+            for i in todo:
+                t0 = time.perf_counter()
+                xb = scaler(x_all[i * bs:(i + 1) * bs]).to(ctx.device)
+                yb = y_all[i * bs:(i + 1) * bs].to(ctx.device) if conditional else None
+                m = get_model(sde, model, train=False, y=yb)
+                gen = torch.Generator(device=ctx.device).manual_seed(mix_seed(s["seed"], _ELBO_SALT, i))
+                bounds, nfe = {}, 0
+                if s["variances"]:
+                    found = elbo_lib.discrete_elbos(sde, m, xb, num_steps=s["num_steps"] or None,
+                                                    variances=s["variances"], generator=gen, **dec)
+                    bounds.update(found)
+                    nfe += next(iter(found.values())).nfe
+                if s["num_t"]:
+                    bounds["continuous"] = elbo_lib.continuous_elbo(sde, m, xb, num_t=s["num_t"],
+                                                                    importance=s["importance"], generator=gen, **dec)
+                    nfe += bounds["continuous"].nfe
+                unit = {"n": int(xb.shape[0]), "nfe": nfe, "dim": int(xb[0].numel())}
+                for name, b in bounds.items():
+                    total = b.total.detach().double().cpu()
+                    if not torch.isfinite(total).all():
+                        raise EvaluationError(f"non-finite {name} bound in batch {i} of step {step}: the model in "
+                                              f"{ctx.current_path} gives non-finite values")
+                    unit[name] = {"sum": float(total.sum()), "sumsq": float((total ** 2).sum()),
+                                  **{f"sum_{k}": float(getattr(b, k).double().sum())
+                                     for k in ("prior", "diffusion", "decoder")}}
+                unit["seconds"] = time.perf_counter() - t0
+                units[str(i)] = unit
+                state.save()
+                lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: {len(units)} of {nb} "
+                                     f"bound batches recorded in {state.path}; run the same command to resume")
+                bar.update(1)
+        finally:
+            bar.close()
+    ordered = [units[str(i)] for i in range(nb)]
+    count = sum(u["n"] for u in ordered)
+    D = ordered[0]["dim"]
+    to_bpd = 1.0 / (D * math.log(2.0))
+    out = {}
+    for name in [k for k in ordered[0] if isinstance(ordered[0][k], dict)]:
+        mean = sum(u[name]["sum"] for u in ordered) / count
+        var = max(sum(u[name]["sumsq"] for u in ordered) - count * mean ** 2, 0.0) / max(count - 1, 1)
+        se = math.sqrt(var / count)
+        out[name] = {"bpd": mean * to_bpd, "bpd_stderr": se * to_bpd, "nats": mean, "nats_stderr": se,
+                     **{f"{k}_bpd": sum(u[name][f"sum_{k}"] for u in ordered) / count * to_bpd
+                        for k in ("prior", "diffusion", "decoder")}}
+    result = {"bounds": out, "num_examples": n, "dim": D, "num_steps": s["num_steps"], "num_t": s["num_t"],
+              "importance": s["importance"], "decoder": s["decoder"], "num_levels": s["num_levels"],
+              "nfe_per_batch": sum(u["nfe"] for u in ordered) / len(ordered),
+              "seconds": sum(u["seconds"] for u in ordered)}
+    for name, b in out.items():
+        logging.info("step %d: %s bound %.4f +- %.4f bits/dim (prior %.4f, diffusion %.4f, decoder %.4f) over %d "
+                     "test examples", step, name, b["bpd"], b["bpd_stderr"], b["prior_bpd"], b["diffusion_bpd"],
+                     b["decoder_bpd"], n)
+    return result
+
+
+def _elbo_scalars(result: dict) -> Dict[str, float]:
+    values = {}
+    for name, b in result["bounds"].items():
+        for k in ("bpd", "bpd_stderr", "prior_bpd", "diffusion_bpd", "decoder_bpd"):
+            values[f"eval/elbo_{name}_{k}"] = b[k]
+    return values
 
 
 def _sample_batch_path(workdir, step, i) -> str:
@@ -602,15 +767,23 @@ def _stage_metrics(ctx, model_fn, rec, state) -> dict:
         return out
     metrics = ctx.inception()
     m = metrics.compute(x, ctx.reference(), kid_subsets=s["kid_subsets"], kid_subset_size=s["kid_subset_size"],
-                        is_splits=s["is_splits"])
-    out = dict(kind="inception", reference=s["reference"], num=int(x.shape[0]), **m)
-    logging.info("step %d: FID %.3f, KID %.5f +- %.5f, IS %.3f +- %.3f (%d samples vs the %s split)", step, m["fid"],
-                 m.get("kid_mean", float("nan")), m.get("kid_std", float("nan")), m["is_mean"], m["is_std"],
-                 out["num"], s["reference"])
+                        is_splits=s["is_splits"], kid_seed=s.get("kid_seed", 0),
+                        is_shuffle_seed=s.get("is_shuffle_seed"), prc_neighborhood=s.get("prc_neighborhood", 0),
+                        prc_seed=s.get("prc_seed", 0))
+    # the convention travels with the numbers: "pytorch_fid" (pytorch-fid's resize) or "tf" (torch-fidelity's)
+    out = dict(kind="inception", reference=s["reference"], preprocess=s.get("preprocess", "pytorch_fid"),
+               num=int(x.shape[0]), **m)
+    logging.info("step %d: FID %.3f, KID %.5f +- %.5f, IS %.3f +- %.3f (%d samples vs the %s split, %s convention)",
+                 step, m["fid"], m.get("kid_mean", float("nan")), m.get("kid_std", float("nan")), m["is_mean"],
+                 m["is_std"], out["num"], s["reference"], out["preprocess"])
+    if "precision" in m:
+        logging.info("step %d: precision %.4f, recall %.4f (k = %d, %d reference features)", step, m["precision"],
+                     m["recall"], s["prc_neighborhood"], m["prc_num_reference"])
     return out
 
 
-_RUN = {"loss": _stage_loss, "bpd": _stage_bpd, "samples": _stage_samples, "metrics": _stage_metrics}
+_RUN = {"loss": _stage_loss, "bpd": _stage_bpd, "elbo": _stage_elbo, "samples": _stage_samples,
+        "metrics": _stage_metrics}
 
 
 def _log_stage(ctx, writer: _Writer, name: str, result: dict, step: int) -> None:
@@ -619,6 +792,8 @@ def _log_stage(ctx, writer: _Writer, name: str, result: dict, step: int) -> None
     elif name == "bpd":
         writer.scalars({"eval/bpd": result["bpd"], "eval/bpd_stderr": result["bpd_stderr"],
                         "eval/bpd_nfe": result["nfe_per_batch"]}, step)
+    elif name == "elbo":
+        writer.scalars(_elbo_scalars(result), step)
     elif name == "samples":
         writer.scalars({"eval/sample_nfe": result["nfe_per_sample_batch"]}, step)
         x = torch.from_numpy(_load_samples(ctx, step))
@@ -636,8 +811,12 @@ def _log_stage(ctx, writer: _Writer, name: str, result: dict, step: int) -> None
                     values[prefix + k] = m[k]
             writer.scalars(values, step)
         else:
-            writer.scalars({"eval/fid": result["fid"], "eval/kid": result.get("kid_mean"),
-                            "eval/inception_score": result["is_mean"]}, step)
+            values = {"eval/fid": result["fid"], "eval/kid": result.get("kid_mean"),
+                      "eval/inception_score": result["is_mean"]}
+            for k in ("precision", "recall"):
+                if result.get(k) is not None:
+                    values[f"eval/{k}"] = result[k]
+            writer.scalars(values, step)
     writer.flush()
 
 
@@ -646,6 +825,7 @@ def _summary(workdir: str, step: int, path: str, state: _State, plan) -> dict:
     loss = st["loss"]["result"]
     out = {"step": step, "checkpoint": path, "test_loss": loss["test_loss"], "num_examples": loss["num_examples"],
            "bpd": st["bpd"]["result"] if "bpd" in plan else None,
+           "elbo": st["elbo"]["result"] if "elbo" in plan else None,
            "samples": st["samples"]["result"] if "samples" in plan else None,
            "metrics": st["metrics"]["result"] if "metrics" in plan else None,
            "state": os.path.relpath(state.path, eval_dir(workdir))}
@@ -696,6 +876,9 @@ def summary_line(s: dict) -> str:
     parts = [f"step {s['step']}: test loss {s['test_loss']:.5f}"]
     if s.get("bpd"):
         parts.append(f"{s['bpd']['bpd']:.4f} +- {s['bpd']['bpd_stderr']:.4f} bits/dim")
+    if s.get("elbo"):
+        parts.append("bounds " + ", ".join(f"{k} {b['bpd']:.4f} +- {b['bpd_stderr']:.4f}"
+                                           for k, b in s["elbo"]["bounds"].items()) + " bits/dim")
     m = s.get("metrics")
     if m and m["kind"] == "digits":
         a, f = m["samples"], m["floor"]
@@ -703,7 +886,10 @@ def summary_line(s: dict) -> str:
                      f"{a['confident_share']:.3f} (floor {f['confident_share']:.3f}), coverage "
                      f"{a['coverage_classes']}/10 (floor {f['coverage_classes']}/10)")
     elif m:
-        parts.append(f"FID {m['fid']:.2f}, KID {m.get('kid_mean', float('nan')):.4f}, IS {m['is_mean']:.2f}")
+        text = f"FID {m['fid']:.2f}, KID {m.get('kid_mean', float('nan')):.4f}, IS {m['is_mean']:.2f}"
+        if m.get("precision") is not None:
+            text += f", precision {m['precision']:.3f}, recall {m['recall']:.3f}"
+        parts.append(text + f" ({m.get('preprocess', 'pytorch_fid')} convention)")
     return "; ".join(parts)
 
 

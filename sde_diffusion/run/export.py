@@ -57,7 +57,11 @@ def export_model(workdir: str, checkpoint: Union[None, int, str] = None, out_dir
             raise ExportError(f"{path} stores no config and {stored} does not exist: nothing describes the network")
         with open(stored, encoding="utf-8") as f:
             config_text = f.read()
-    configs_lib.config_from_json(config_text)                        # a config that cannot be read is not exported
+    config = configs_lib.config_from_json(config_text)               # a config that cannot be read is not exported
+    if str(config.model.get("autoencoder_workdir", "") or ""):
+        raise ExportError(f"{workdir} is a latent model (model.autoencoder_workdir = "
+                          f"{config.model.autoencoder_workdir}): exporting it would need its autoencoder too, which "
+                          f"export does not bundle yet; sample it from its workdir with --mode sample")
     weights = {k: v for k, v in state["ema"]["model"].items()}
     bad = non_finite_entries(weights)
     if bad:

@@ -34,6 +34,7 @@ the final samples exactly.  They work with every fixed-grid sampler that support
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -47,17 +48,19 @@ from absl import logging
 import solvers
 
 from ..atomic import atomic_path
+from ..autoencoder import is_latent
 from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset
 from ..guidance import cfg_score_batched, classifier_score
 from ..inpainting import Colorize, Inpaint
 from ..networks import get_model, get_score_fn
-from ..prediction import as_model
+from ..prediction import Model, as_model
 from .checkpoints import atomic_write_text, load_model
 from .utils import get_device, plot_points, save_image_grid
 
 Tensor = torch.Tensor
 
-__all__ = ["data_shape", "sampler_options", "generate", "save_samples", "sample", "SamplingError", "GUIDANCE",
+__all__ = ["data_shape", "sampler_options", "generate", "save_samples", "sample", "load_sampling_model",
+           "MODEL_SOURCES", "SamplingError", "GUIDANCE",
            "TASKS", "MASKS", "sampling_labels", "guided_score_fn", "load_guidance_classifier", "load_condition",
            "make_mask", "class_rows", "output_tag", "DATA_VAR"]
 
@@ -97,7 +100,7 @@ def sampler_options(config, method: Optional[str] = None) -> dict:
     out = {k: config.sampling[k] for k in FLAT_OPTIONS.get(method, ()) if k in config.sampling and k in accepted}
     given = dict(config.sampling.get("options", None) or {})
     schedule = str(config.sampling.schedule)
-    allowed = set(accepted) | (set(solvers.schedule_options(schedule)) - {"like"})
+    allowed = set(accepted) | set(solvers.schedule_options(schedule))
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise SamplingError(f"sampling.options {unknown} not accepted by method {method!r} "
@@ -176,6 +179,11 @@ def guided_score_fn(config, sde, model, y: Optional[Tensor], classifier=None):
     """The ``score_fn(x, t)`` the config asks for, for labels ``y`` (B,) or None (unconditional; the null label of a
     conditional model).  ``classifier = (classifier_sde, classifier_model)`` for ``guidance=classifier``."""
     g = _guidance(config)
+    if isinstance(model, Model):          # a model from elsewhere (model.source = diffusers): unconditional only
+        if y is not None and g != "none":
+            raise SamplingError(f"sampling.guidance={g} needs one of our class-conditional networks; a model loaded "
+                                f"with model.source={config.model.get('source', 'diffusers')} is unconditional")
+        return model
     if y is None or g == "none":
         return get_model(sde, model, train=False, y=y)
     w = float(config.sampling.guidance_scale)
@@ -363,6 +371,15 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
     inverse = get_data_inverse_scaler(config)
     shape = data_shape(config)
     options = sampler_options(config)
+    codec = None
+    if is_latent(config):           # latent diffusion: sample latents, decode them (sde_diffusion.autoencoder)
+        if task != "generate" or g == "classifier":
+            raise SamplingError(f"a latent model (model.autoencoder_workdir) draws plain or class-conditional samples "
+                                f"in latent space: sampling.task={task} and classifier guidance act on pixels and are "
+                                f"not supported")
+        from .autoencoder_train import load_codec
+        codec = load_codec(config, device)
+        shape = codec.shape
 
     constraint, extra = None, {}
     if task != "generate":
@@ -394,6 +411,8 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
         x = res.samples
         if constraint is not None:
             x = constraint.finalize(x)
+        if codec is not None:
+            x = codec.decode(x)
         out.append(x.float().cpu())
         nfe += res.nfe
     x = inverse(torch.cat(out))
@@ -509,6 +528,44 @@ def _digits_cache_dir(workdir: str) -> str:
     return os.path.join(workdir, "samples")
 
 
+MODEL_SOURCES = ("ours", "export", "diffusers")
+
+
+def load_sampling_model(config, workdir: str, checkpoint=None, device="cpu"):
+    """``(config, sde, model, step, name)`` of the model ``config.model.source`` names: ``ours`` — the workdir's
+    checkpoint (EMA weights); ``export`` — an export folder ``model.path`` (``run.export``: safetensors EMA weights +
+    config, no optimiser state); ``diffusers`` — a diffusers UNet2DModel folder ``model.path`` with its scheduler
+    config (``sde_diffusion.external``: the model is a ``prediction.Model`` on the scheduler's own VP path, and
+    ``data.image_size`` / ``num_channels`` / ``centered`` become the UNet's, images in [-1, 1]).  ``name`` names the
+    samples' folder: ``step_<step>``, ``export_step_<step>`` or ``diffusers``."""
+    source = str(config.model.get("source", "ours")).lower()
+    if source not in MODEL_SOURCES:
+        raise SamplingError(f"unknown model.source {source!r}; available: {', '.join(MODEL_SOURCES)}")
+    if source == "ours":
+        config, sde, model = load_model(workdir, config=config, checkpoint=checkpoint, device=device)
+        return config, sde, model, model.checkpoint_step, f"step_{model.checkpoint_step:08d}"
+    path = str(config.model.get("path", ""))
+    if source == "export":
+        from .export import load_export
+        config, sde, model = load_export(path, config=config, device=device)
+        return config, sde, model, model.checkpoint_step, f"export_step_{model.checkpoint_step:08d}"
+    from ..external import ExternalModelError, load_diffusers
+    if config.data.dataset.lower() == "toy":
+        raise SamplingError("model.source=diffusers samples images: the config's data.dataset must not be toy")
+    try:
+        ext = load_diffusers(path, device=device)
+    except ExternalModelError as e:
+        raise SamplingError(str(e)) from None
+    C, H, W = ext.shape
+    if H != W:
+        raise SamplingError(f"the diffusers UNet makes {H}x{W} images; sampling to disk handles square images only")
+    config = copy.deepcopy(config)
+    config.data.num_channels, config.data.image_size, config.data.centered = C, H, True
+    logging.info("diffusers model from %s: %s, prediction_type %s, samples of shape %s", path, ext.sde,
+                 ext.prediction_type, ext.shape)
+    return config, ext.sde, ext.model, 0, "diffusers"
+
+
 def sample(config, workdir: str, checkpoint=None, device=None, out_dir: Optional[str] = None) -> dict:
     """Sample from the EMA weights of the latest (or named) checkpoint; returns paths and the number of samples.
 
@@ -521,23 +578,24 @@ def sample(config, workdir: str, checkpoint=None, device=None, out_dir: Optional
     condition = load_condition(config) if task != "generate" else None
     if task == "inpaint":
         make_mask(config.sampling.mask, data_shape(config))          # a bad mask fails before the model loads
-    config, sde, model = load_model(workdir, config=config, checkpoint=checkpoint, device=device)
+    config, sde, model, step, name = load_sampling_model(config, workdir, checkpoint=checkpoint, device=device)
     classifier = None
     if _guidance(config) == "classifier":
         classifier = load_guidance_classifier(config, sde, device=device)
-    step = model.checkpoint_step
     logging.info("sampling %d examples from %s (step %d) with %s, %d steps, options %s, guidance %s (%g), task %s",
                  config.sampling.num_samples, workdir, step, config.sampling.method, config.sampling.num_steps,
                  sampler_options(config), config.sampling.guidance, config.sampling.guidance_scale, task)
     result = generate(config, sde, model, device=device, progress=sys.stderr.isatty(), classifier=classifier,
                       condition=condition)
     tag = output_tag(config)
-    out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step:08d}" + (f"_{tag}" if tag else ""))
+    out_dir = out_dir or os.path.join(workdir, "samples", name + (f"_{tag}" if tag else ""))
     reference = None
     if config.data.dataset.lower() == "toy":
         reference = get_dataset(config, "test").batch(0, min(5000, config.sampling.num_samples), 12345)[0]
     paths = save_samples(config, result, out_dir, step=step, reference=reference)
     info = {"step": step, "nfe": result["nfe"], "sampling": config.sampling.to_dict()}
+    if str(config.model.get("source", "ours")).lower() != "ours":
+        info["model"] = {"source": str(config.model.source), "path": str(config.model.path)}
     if condition is not None:
         info["source"] = condition["source"]
         info["source_label"] = condition["label"]

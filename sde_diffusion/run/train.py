@@ -28,6 +28,10 @@ failed checkpoint write) are exchanged at fixed points of every update, so all r
 message; a graceful stop (SIGTERM / SIGINT on any rank) is agreed on the same way and checkpointed once.  A run resumed
 with a different K or grad_accum continues from the checkpoint with a different noise stream and says so.
 
+Latent diffusion (``sde_diffusion.autoencoder``): with ``model.autoencoder_workdir`` set, the frozen autoencoder of
+that workdir (``run.autoencoder_train.load_codec``) encodes every batch (scale_factor x posterior mean) before the
+loss, and the network is built for the latents' shape (``autoencoder.network_config``).
+
 Logs (``<workdir>/tensorboard``): ``train/loss`` (mean over the logging interval), ``train/lr``, ``train/grad_norm``,
 ``train/steps_per_sec``, and a sample grid (``samples``) every ``training.snapshot_freq`` steps.
 """
@@ -46,12 +50,14 @@ from .. import configs as configs_lib
 from ..atomic import remove_stale_temp_files
 from ..configs import validation as validation_lib
 from ..data import get_data_scaler, get_dataset, mix_seed
+from ..autoencoder import is_latent, network_config
 from ..ema import ExponentialMovingAverage
 from ..losses import get_loss_fn
 from ..networks import count_parameters, get_network
 from . import checkpoints as ckpt_lib
 from . import distributed as dist_lib
 from . import lifecycle
+from .autoencoder_train import load_codec
 from .utils import (get_device, get_rng_state, open_summary_writer, plot_points, seed_everything, set_deterministic,
                     set_rng_state)
 
@@ -200,6 +206,10 @@ def train(config, workdir: str, device: Optional[str] = None) -> dict:
         raise configs_lib.ConfigError(f"config key 'device' must name a device (auto, cpu, cuda, cuda:1, ...): "
                                       f"{e}") from None
     device = dist_lib.rank_device(ctx, device)
+    if str(_compute(config, "autocast", "none")).lower() == "fp16" and device.type != "cuda":
+        raise configs_lib.ConfigError(
+            f"config key 'compute.autocast' = 'fp16' needs a CUDA device (float16 autocast with a gradient scaler), "
+            f"training runs on {device}; use bf16 (CPU or CUDA) or none")
     accum = int(_compute(config, "grad_accum", 1))
     micro = ctx.world_size * accum
     if int(config.training.batch_size) % micro:
@@ -236,10 +246,17 @@ def _set_up(config, workdir, device, ctx):
         changed = _check_identity(_read_stored_config(config_path), config, config_path)
 
     set_deterministic(bool(config.deterministic))
+    if device.type == "cuda":         # compute.cudnn_benchmark / tf32 apply on CUDA only; deterministic wins
+        torch.backends.cudnn.benchmark = bool(_compute(config, "cudnn_benchmark", False)) and \
+            not bool(config.deterministic)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(_compute(config, "tf32",
+                                                                                                 False))
     seed_everything(int(config.seed))
     try:
         sde = configs_lib.build_sde(config)
-        model = get_network(config).to(device)
+        # latent diffusion: the frozen autoencoder's codec (None in data space); the network is built for its latents
+        codec = load_codec(config, device) if is_latent(config) else None
+        model = get_network(network_config(config)).to(device)
         images = len(tuple(dataset_shape(config))) == 3
         if bool(_compute(config, "channels_last", False)) and images:
             model = model.to(memory_format=torch.channels_last)
@@ -260,7 +277,7 @@ def _set_up(config, workdir, device, ctx):
                  f"{count_parameters(model):,}", device, sde, config.data.dataset,
                  f"; {ctx.world_size} ranks ({ctx.backend})" if ctx.enabled else "")
 
-    step = 0
+    step, scaler_state = 0, None
     latest, state, skipped = ckpt_lib.newest_good_checkpoint(workdir, map_location="cpu")  # RNG states on the CPU
     if skipped and latest is None:
         raise ckpt_lib.CheckpointError(
@@ -297,11 +314,12 @@ def _set_up(config, workdir, device, ctx):
                     "uninterrupted one", layout["world_size"], layout["grad_accum"], now["world_size"],
                     now["grad_accum"])
         step = int(state["step"])
+        scaler_state = state.get("grad_scaler")     # fp16 autocast's loss scale (absent otherwise)
         del state
         logging.info("resumed from %s (step %d)", latest, step)
     return dict(sde=sde, model=model, ema=ema, optimizer=optimizer, loss_fn=loss_fn, dataset=dataset, step=step,
                 latest=latest, changed=changed, config_path=config_path, scaler=get_data_scaler(config),
-                images=images)
+                images=images, codec=codec, scaler_state=scaler_state)
 
 
 def dataset_shape(config):
@@ -326,13 +344,20 @@ def _train(config, workdir: str, device, ctx) -> dict:
             f"must be one folder every rank sees (a shared filesystem on multi-node runs)")
     sde, model, ema, optimizer, loss_fn = run["sde"], run["model"], run["ema"], run["optimizer"], run["loss_fn"]
     dataset, step, latest, changed, scaler = run["dataset"], run["step"], run["latest"], run["changed"], run["scaler"]
-    config_path = run["config_path"]
+    config_path, codec = run["config_path"], run["codec"]
     batch_size = int(tc.batch_size)
     accum = int(_compute(config, "grad_accum", 1))
     micro_batches = ctx.world_size * accum
     micro = batch_size // micro_batches
     channels_last = bool(_compute(config, "channels_last", False)) and run["images"]
-    use_bf16 = str(_compute(config, "autocast", "none")).lower() == "bf16"
+    autocast = str(_compute(config, "autocast", "none")).lower()
+    use_bf16 = autocast == "bf16"
+    # fp16 (CUDA only, checked in train()): the loss is scaled by the GradScaler's factor before backward and the
+    # gradients unscaled before clipping, so clipping, Adam and EMA see the true gradients; an update whose scaled
+    # gradients overflowed is skipped by the scaler (weights and EMA unchanged) and the factor is lowered
+    grad_scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
+    if grad_scaler is not None and run["scaler_state"] is not None:
+        grad_scaler.load_state_dict(run["scaler_state"])
     del run
 
     n_iters = int(tc.n_iters)
@@ -372,6 +397,8 @@ def _train(config, workdir: str, device, ctx) -> dict:
                  "layout": {"world_size": ctx.world_size, "grad_accum": accum}}
         if ctx.enabled:
             state["rng_ranks"] = rngs
+        if grad_scaler is not None:
+            state["grad_scaler"] = grad_scaler.state_dict()
         try:
             path = ckpt_lib.save_checkpoint(workdir, state, at_step, keep=int(tc.keep_checkpoints))
         except ckpt_lib.NonFiniteStateError as e:
@@ -405,12 +432,18 @@ def _train(config, workdir: str, device, ctx) -> dict:
         raise lifecycle.Stopped(signum, msg)
 
     def forward(x, y):
-        if use_bf16:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        if use_bf16 or grad_scaler is not None:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16):
                 return loss_fn(net, x, y, train=True)
         return loss_fn(net, x, y, train=True)
 
+    def backward(loss):
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+
     seed = int(config.seed)
+    from .prefetch import BatchSource     # compute.dataloader_workers / pin_memory: the same batches, built ahead
+    batches = BatchSource(dataset, batch_size, seed, workers=int(_compute(config, "dataloader_workers", 0)),
+                          pin=bool(_compute(config, "pin_memory", False)) and device.type == "cuda")
     from tqdm.auto import tqdm
     bar = tqdm(total=n_iters, initial=step, desc=f"train {config.name}", dynamic_ncols=True,
                disable=None if tc.progress and ctx.is_main else True)
@@ -426,12 +459,14 @@ def _train(config, workdir: str, device, ctx) -> dict:
             optimizer.zero_grad(set_to_none=True)
             failure, loss_sum, pending = None, 0.0, None
             try:
-                x_all, y_all = dataset.batch(step, batch_size, seed)
+                x_all, y_all = batches.get(step)
                 for a in range(accum):
                     j = ctx.rank * accum + a            # this micro-batch's index in the global batch
                     # everything random in micro-batch j of update `step` comes from (seed, step, j)
                     torch.manual_seed(mix_seed(seed, 0x57E9, step) if j == 0 else mix_seed(seed, 0x57E9, step, j))
                     x = scaler(x_all[j * micro:(j + 1) * micro].to(device, non_blocking=True))
+                    if codec is not None:               # latent diffusion: scale * E(x), the frozen encoder
+                        x = codec.encode(x)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     y = y_all[j * micro:(j + 1) * micro].to(device) if int(config.model.num_classes) > 0 else None
@@ -449,28 +484,36 @@ def _train(config, workdir: str, device, ctx) -> dict:
                         pending = scaled                 # its backward all-reduces: first agree that all is well
                     elif ctx.enabled:
                         with net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext():
-                            scaled.backward()
+                            backward(scaled)
                     else:
-                        scaled.backward()
+                        backward(scaled)
             except Exception as e:    # noqa: BLE001 — handed to every rank by check()
                 failure = e
             if ctx.enabled:
                 loss_sum, failed = ctx.sum_values([loss_sum, 1.0 if failure is not None else 0.0])
                 if failed > 0:
                     ctx.check(failure, f"update {step + 1}")
-                pending.backward()
+                backward(pending)
             elif failure is not None:
                 raise failure
             loss_value = loss_sum / micro_batches
             clip = float(config.optim.grad_clip)
+            if grad_scaler is not None:
+                grad_scaler.unscale_(optimizer)         # clipping and the norm on the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
             grad_norm = float(grad_norm)
-            if not math.isfinite(grad_norm):
+            if not math.isfinite(grad_norm) and grad_scaler is None:
                 raise NonFiniteLossError(
                     f"non-finite gradient norm ({grad_norm}) at step {step} (loss {loss_value:.4g}): training "
                     f"stopped. The last good checkpoint ({saved['path'] or 'none yet'}) is kept; lower optim.lr.")
-            optimizer.step()
-            ema.update(model)
+            if grad_scaler is None:
+                optimizer.step()
+                ema.update(model)
+            else:                                       # fp16: an overflowed update is skipped, the scale lowered
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
+                if math.isfinite(grad_norm):
+                    ema.update(model)
             step += 1
             last_loss = loss_value
             interval_loss += loss_value
@@ -508,6 +551,7 @@ def _train(config, workdir: str, device, ctx) -> dict:
                         failure = e
                 ctx.check(failure, f"the snapshot of step {step}")
     finally:
+        batches.close()
         bar.close()
         if writer is not None:
             writer.flush()
