@@ -10,7 +10,9 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = ["compare_peers", "compare_solvers", "ddpm_equivalence", "heat_kernel", "throughput"]
+#: every experiment script (a new one is held to the same conventions automatically)
+EXPERIMENTS = sorted(p[:-3] for p in os.listdir(os.path.join(ROOT, "experiments"))
+                     if p.endswith(".py") and not p.startswith("_"))
 
 
 def _copy_sources(dst):
