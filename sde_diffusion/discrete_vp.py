@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .sdes import SDE, _as_time, expand_as_batch
+from .sdes import SDE, VPPath, _as_time, expand_as_batch
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -69,9 +69,10 @@ def beta_table(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     return b
 
 
-class DiscreteVP(SDE):
+class DiscreteVP(VPPath, SDE):
     """The VP path through a chain's levels (module doc).  ``betas``: (N,) values in (0, 1); ``name`` is shown in
-    the repr (e.g. the diffusers ``beta_schedule``)."""
+    the repr (e.g. the diffusers ``beta_schedule``).  The coefficients' derivatives and lambda come from ``VPPath``
+    (one-sided at the knots: beta is the segment ending at t)."""
 
     name = "discrete_vp"
 
@@ -127,17 +128,6 @@ class DiscreteVP(SDE):
     def marginal_coeffs(self, t):
         B = self.integrated_beta(t)
         return torch.exp(-0.5 * B), torch.sqrt(-torch.expm1(-B))
-
-    def marginal_coeffs_dt(self, t):
-        # a' = -1/2 beta a;  sigma' = -a a' / sigma = 1/2 beta a^2 / sigma  (one-sided at the knots: the segment ending
-        # at t, as ``beta``)
-        t = _as_time(t)
-        a, s = self.marginal_coeffs(t)
-        b = self.beta(t)
-        return -0.5 * b * a, 0.5 * b * a ** 2 / s
-
-    def log_snr(self, t):
-        return -0.5 * torch.log(torch.expm1(self.integrated_beta(t)))     # lambda = -1/2 log(e^B - 1)
 
     def t_from_log_snr(self, lam):
         lam = torch.as_tensor(lam, dtype=F64)

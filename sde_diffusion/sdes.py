@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
-    "SDE", "VPSDE", "SubVPSDE", "VESDE", "OUSDE", "BrownianSDE", "ReverseSDE",
+    "SDE", "VPPath", "VPSDE", "SubVPSDE", "VESDE", "OUSDE", "BrownianSDE", "ReverseSDE",
     "get_sde", "register_sde", "available_sdes", "expand_as_batch",
 ]
 
@@ -283,8 +283,24 @@ class _LinearBetaSDE(SDE):
         return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
 
 
+class VPPath:
+    """What every variance-preserving path shares, given its ``beta(t)`` and ``integrated_beta(t)`` = B(t) (and its own
+    ``marginal_coeffs``: a = exp(-B/2), sigma^2 = 1 - a^2): the coefficients' time derivatives and the log-SNR."""
+
+    def marginal_coeffs_dt(self, t):
+        # a' = -1/2 beta a;  sigma' = -a a' / sigma = 1/2 beta a^2 / sigma
+        t = _as_time(t)
+        a, s = self.marginal_coeffs(t)
+        b = self.beta(t)
+        return -0.5 * b * a, 0.5 * b * a ** 2 / s
+
+    def log_snr(self, t):
+        # lambda = log a - 1/2 log(1 - a^2) = -1/2 log(expm1(int beta))
+        return -0.5 * torch.log(torch.expm1(self.integrated_beta(_as_time(t))))
+
+
 @register_sde("vpsde")
-class VPSDE(_LinearBetaSDE):
+class VPSDE(VPPath, _LinearBetaSDE):
     """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW (DDPM in continuous time).
 
     Marginal: a(t) = exp(-1/2 int_0^t beta), sigma(t)^2 = 1 - a(t)^2.  Its discretisation on the grid
@@ -308,16 +324,6 @@ class VPSDE(_LinearBetaSDE):
         # sigma^2 = 1 - exp(2 log a), computed with expm1 for accuracy at small t
         return torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
 
-    def marginal_coeffs_dt(self, t):
-        # a' = -1/2 beta a;  sigma' = -a a' / sigma = 1/2 beta a^2 / sigma
-        t = _as_time(t)
-        a, s = self.marginal_coeffs(t)
-        b = self.beta(t)
-        return -0.5 * b * a, 0.5 * b * a ** 2 / s
-
-    def log_snr(self, t):
-        # lambda = log a - 1/2 log(1 - a^2) = -1/2 log(expm1(int beta))
-        return -0.5 * torch.log(torch.expm1(self.integrated_beta(_as_time(t))))
 
     def t_from_log_snr(self, lam):
         # sigma^2 / a^2 = e^{int beta} - 1 = e^{-2 lambda}  =>  int beta = log(1 + e^{-2 lambda}) = softplus(-2 lambda)
