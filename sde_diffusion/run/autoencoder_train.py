@@ -38,7 +38,7 @@ from ..ema import ExponentialMovingAverage
 from ..networks import count_parameters
 from . import checkpoints as ckpt_lib
 from . import lifecycle
-from .utils import get_device, open_summary_writer, save_image_grid, seed_everything
+from .utils import get_device, open_summary_writer, optimizer_step, save_image_grid, seed_everything
 
 __all__ = ["train_autoencoder", "load_autoencoder", "load_codec", "evaluate_autoencoder", "AutoencoderError",
            "DATA_KEYS"]
@@ -205,11 +205,7 @@ def _train(config, workdir, device, model) -> dict:
                 from .train import NonFiniteLossError
                 raise NonFiniteLossError(f"non-finite autoencoder loss ({value}) at step {step}; the last good "
                                          f"checkpoint ({saved['path'] or 'none yet'}) is kept; lower autoencoder.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if float(a.grad_clip) > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(a.grad_clip))
-            opt.step()
+            optimizer_step(model, opt, loss, float(a.grad_clip))
             ema.update(model)
             step += 1
             last = value

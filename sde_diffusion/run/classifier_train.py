@@ -31,7 +31,7 @@ from ..classifier import classifier_accuracy, classifier_loss, get_classifier
 from ..data import get_data_scaler, get_dataset, mix_seed
 from ..networks import count_parameters
 from . import checkpoints as ckpt_lib
-from .utils import get_device, open_summary_writer, seed_everything
+from .utils import get_device, open_summary_writer, optimizer_step, seed_everything
 
 __all__ = ["build_classifier", "train_classifier", "load_classifier", "evaluate_classifier", "ClassifierError"]
 
@@ -154,11 +154,7 @@ def train_classifier(config, workdir: str, device: Optional[str] = None) -> dict
             if not math.isfinite(value):
                 raise ClassifierError(f"non-finite classifier loss ({value}) at step {step}; the last good "
                                       f"checkpoint ({last_ckpt or 'none yet'}) is kept; lower classifier.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if float(c.grad_clip) > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(c.grad_clip))
-            opt.step()
+            optimizer_step(model, opt, loss, float(c.grad_clip))
             step += 1
             running, count, last_loss = running + value, count + 1, value
             bar.update(1)

@@ -481,6 +481,13 @@ def _first_examples(dataset, n: int, batch_size: int):
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def _test_batches(ctx, model_fn, n: int, bs: int):
+    """What a per-batch likelihood stage needs: ``(config, sde, model, x_all, y_all, data scaler, conditional)``."""
+    config, sde, model = model_fn()
+    x_all, y_all = _first_examples(ctx.dataset, n, bs)
+    return config, sde, model, x_all, y_all, get_data_scaler(config), int(config.model.num_classes) > 0
+
+
 def _stage_bpd(ctx, model_fn, rec, state) -> dict:
     s = rec["settings"]
     n, bs, R = s["num_examples"], s["batch_size"], s["num_repeats"]
@@ -489,10 +496,7 @@ def _stage_bpd(ctx, model_fn, rec, state) -> dict:
     todo = [(r, i) for r in range(R) for i in range(nb) if f"{r}:{i}" not in units]
     step = state.data["step"]
     if todo:
-        config, sde, model = model_fn()
-        x_all, y_all = _first_examples(ctx.dataset, n, bs)
-        scaler = get_data_scaler(config)
-        conditional = int(config.model.num_classes) > 0
+        config, sde, model, x_all, y_all, scaler, conditional = _test_batches(ctx, model_fn, n, bs)
         kwargs = dict(method=s["method"], solver=s["solver"], eps=s["eps"], dequantize=s["dequantize"])
         if s["dequantize"] is not None:
             kwargs.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))
@@ -592,10 +596,7 @@ def _stage_elbo(ctx, model_fn, rec, state) -> dict:
     todo = [i for i in range(nb) if str(i) not in units]
     step = state.data["step"]
     if todo:
-        config, sde, model = model_fn()
-        x_all, y_all = _first_examples(ctx.dataset, n, bs)
-        scaler = get_data_scaler(config)
-        conditional = int(config.model.num_classes) > 0
+        config, sde, model, x_all, y_all, scaler, conditional = _test_batches(ctx, model_fn, n, bs)
         dec = dict(decoder=s["decoder"], clip_denoised=s["clip_denoised"])
         if s["decoder"] == "discretized":
             dec.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))

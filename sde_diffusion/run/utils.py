@@ -126,3 +126,13 @@ def plot_points(points: Tensor, path: Optional[str] = None, reference: Optional[
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(np.float32) / 255.0
     plt.close(fig)
     return rgb.transpose(2, 0, 1)
+
+
+def optimizer_step(model, opt, loss, grad_clip: float) -> None:
+    """One plain update: zero the gradients, backpropagate ``loss``, clip the global norm to ``grad_clip`` (0: no
+    clipping), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
