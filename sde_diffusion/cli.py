@@ -178,6 +178,26 @@ def main(argv):
     sys.exit(code)
 
 
+def _train(config):
+    from sde_diffusion.run.train import train
+    return train(config, FLAGS.workdir, device=FLAGS.device)
+
+
+def _sample(config):
+    from sde_diffusion.run.sampling import sample
+    return sample(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device, out_dir=FLAGS.out_dir)
+
+
+def _eval(config):
+    from sde_diffusion.run.evaluate import evaluate
+    return evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device)
+
+
+#: the modes torchrun can start (one process group; rank 0 prints and writes)
+_SHARDED_RUN = {"train": _train, "sample": _sample, "eval": _eval}
+SHARDED = tuple(_SHARDED_RUN)
+
+
 def _run() -> int:
     """The mode's work; returns the exit code: 0 done, 1 a run-time failure, 2 a usage / config error (every failure is
     one line on stderr, no traceback)."""
@@ -196,29 +216,30 @@ def _run() -> int:
         config = None if FLAGS.mode == "export" else load_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, _OVERRIDES)
         if FLAGS.mode in ("train", "sample", "eval"):
             configs.validate(config, FLAGS.mode)
-        if distributed.env_world() is not None and distributed.env_world()[1] > 1 and FLAGS.mode != "train":
+        if distributed.env_world() is not None and distributed.env_world()[1] > 1 and FLAGS.mode not in SHARDED:
             raise configs.ConfigError(f"--mode {FLAGS.mode} runs in one process; start it with python, not torchrun "
-                                      f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
+                                      f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')}; torchrun runs "
+                                      f"{', '.join('--mode ' + m for m in SHARDED)})")
     except (configs.ConfigError, WorkdirError, ValueError) as e:
         _say(f"error: {e}", e)
         return 2
     if FLAGS.mode in ("train", "sample", "eval", "train_autoencoder"):
         apply_threads(config)
     try:
-        if FLAGS.mode == "train":
-            from sde_diffusion.run.train import train
+        if FLAGS.mode in SHARDED:
             ctx = distributed.init_from_env(FLAGS.device or config.device,
                                             float(config.compute.dist_timeout) if "compute" in config else 1800.0)
             if not ctx.is_main:
                 from absl import logging as absl_logging
                 absl_logging.set_verbosity(absl_logging.WARNING)
             try:
-                out = train(config, FLAGS.workdir, device=FLAGS.device)
+                out = _SHARDED_RUN[FLAGS.mode](config)
                 distributed.synchronize()          # success on every rank: tear the group down together
             finally:
                 distributed.shutdown()
             if not ctx.is_main:
                 return 0
+        if FLAGS.mode == "train":
             if out.get("nothing_to_do"):
                 print(f"nothing to do: {FLAGS.workdir} is already at step {out['step']} >= training.n_iters = "
                       f"{int(config.training.n_iters)} (checkpoint {out['checkpoint']}); raise "
@@ -254,17 +275,13 @@ def _run() -> int:
                   f"sample with: --mode sample --workdir DIR --config.model.source=export "
                   f"--config.model.path={out['out_dir']}")
         elif FLAGS.mode == "sample":
-            from sde_diffusion.run.sampling import sample
-            out = sample(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device,
-                         out_dir=FLAGS.out_dir)
             print(f"samples: {out['npz']}\ngrid:    {out['png']}")
             if out.get("class_accuracy"):
                 acc = out["class_accuracy"]
                 per = " ".join(f"{k}:{v:.2f}" for k, v in acc["per_class"].items())
                 print(f"digits classifier agrees with the requested class: {acc['overall']:.3f} overall; {per}")
         else:
-            from sde_diffusion.run.evaluate import evaluate, summary_line
-            out = evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, device=FLAGS.device)
+            from sde_diffusion.run.evaluate import summary_line
             for summary in out["results"]:
                 print(f"{summary_line(summary)} -> {summary['path']}")
     except (configs.ConfigError, WorkdirError) as e:

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["Context", "RankFailedError", "init_from_env", "current", "shutdown", "env_world"]
+__all__ = ["Context", "RankFailedError", "init_from_env", "current", "shutdown", "env_world", "run_sharded"]
 
 
 class RankFailedError(RuntimeError):
@@ -102,6 +102,24 @@ class Context:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj=None):
+        """Collective: rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_to_main(self, obj) -> Optional[list]:
+        """Collective: the list of every rank's ``obj`` on rank 0 (None elsewhere; ``[obj]`` in one process)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def _device(self):
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
@@ -177,3 +195,77 @@ def rank_device(ctx: Context, device: torch.device) -> torch.device:
     if ctx.enabled and device.type == "cuda":
         return torch.device("cuda", ctx.local_rank)
     return device
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def run_sharded(ctx: Context, indices, work, record, where: str, stop_message=None) -> None:
+    """Run ``work(i)`` for every ``i`` of ``indices`` across the ranks and ``record(i, result)`` each result on rank 0,
+    in the order of ``indices``.
+
+    In one process: ``work``, ``record``, then ``lifecycle.check_stop(stop_message())`` for each index in turn.  In a
+    process group (a collective: every rank passes the same ``indices``) the indices go in rounds of ``world_size``:
+    in round r rank k works on ``indices[r * world_size + k]`` (the last round may leave ranks idle); the round's
+    results are gathered on rank 0, which records them, then tells every rank how the round ended:
+
+    * a failure on any rank (in ``work``, or in rank 0's ``record``) raises on every rank, the failing rank its own
+      exception and the others a ``RankFailedError`` naming it: the group stops together with one message;
+    * a graceful-stop request (SIGTERM / SIGINT, ``lifecycle``) on any rank raises ``lifecycle.Stopped`` on every
+      rank with rank 0's ``stop_message()`` (``{signal}`` is replaced by the signal's name) once the round's results
+      are recorded, so that a rerun resumes from them.
+
+    ``work`` runs on the rank that drew the index, so its result must be picklable (NumPy arrays, numbers) and its
+    randomness must depend on the index only (a seed per index): then the results do not depend on the world size.
+    """
+    from . import lifecycle
+    indices = list(indices)
+    message = stop_message or (lambda: f"stopped by {{signal}} during {where}")
+    if not ctx.enabled:
+        for i in indices:
+            record(i, work(i))
+            lifecycle.check_stop(message())
+        return
+    W = ctx.world_size
+    for start in range(0, len(indices), W):
+        chunk = indices[start:start + W]
+        mine = chunk[ctx.rank] if ctx.rank < len(chunk) else None
+        result, error = None, None
+        if mine is not None:
+            try:
+                result = work(mine)
+            except Exception as e:          # handed to every rank below; signals and aborts propagate as they are
+                error = e
+        gathered = ctx.gather_to_main((mine, result, None if error is None else _one_line(error),
+                                       lifecycle.stop_requested()))
+        status = None
+        if ctx.is_main:
+            failed = [(r, m) for r, (_, _, m, _) in enumerate(gathered) if m is not None]
+            own = None
+            if not failed:
+                try:
+                    for i, res, _, _ in gathered:
+                        if i is not None:
+                            record(i, res)
+                except Exception as e:
+                    own, failed = e, [(0, _one_line(e))]
+            signals = [s for *_, s in gathered if s is not None]
+            status = {"failed": failed[0] if failed else None,
+                      "stop": signals[0] if signals and not failed else None,
+                      "message": message() if signals and not failed else None}
+            if own is not None:
+                error = own
+        status = ctx.broadcast(status)
+        if status["failed"] is not None:
+            rank, text = status["failed"]
+            if rank == ctx.rank and error is not None:
+                error.reported_by_rank0 = ctx.rank != 0
+                raise error
+            e = RankFailedError(f"rank {rank} of {W} failed during {where}: {text.split(': ', 1)[-1]}")
+            e.reported_by_rank0 = ctx.rank != 0
+            raise e
+        if status["stop"] is not None:
+            signum = int(status["stop"])
+            raise lifecycle.Stopped(signum, status["message"].replace("{signal}", lifecycle.signal_name(signum)))

@@ -29,8 +29,13 @@ datum per dimension, in the units of the data's L levels (see ``sde_diffusion.li
 (k + U)/L, so 8-bit numbers compare with published ones; ``uniform_centered`` centres the bins on the values the model
 was trained on).  Toy data are continuous: -log2 p_eps(x) / D.  Class-conditional models: log p(x | y) with the
 test labels.  ``bpd_stderr`` is the standard error of that mean over the (example, draw) pairs, which includes the
-Hutchinson and dequantisation noise.  The samples of batch i use the seed ``mix_seed(eval.sample_seed, i)``, so they
-differ from those of ``--mode sample`` with the same seed.  The Inception statistics file does not record which
+Hutchinson and dequantisation noise.  The samples of batch i use the seed ``mix_seed(eval.sample_seed, i)`` (another salt than
+``--mode sample``'s, so they differ from its samples with the same seed).
+
+Under torchrun (``distributed``) rank 0 runs everything above and writes every file; the other ranks wait in
+``_serve`` and draw their share of each samples stage (``distributed.run_sharded``: rank k draws batches k, k + K,
+...; rank 0 records each round as it arrives), so the samples do not depend on the number of processes and a stopped
+evaluation resumes with any number.  The Inception statistics file does not record which
 weights made it: delete it after changing ``eval.inception_weights``.
 
 Files under ``<workdir>/eval/``:
@@ -89,7 +94,7 @@ from ..losses import get_loss_fn
 from ..networks import get_score_fn
 from .checkpoints import (CKPT_RE, CheckpointError, atomic_write_text, checkpoint_dir, list_checkpoints,
                           load_checkpoint, load_model, resolve_checkpoint)
-from . import lifecycle
+from . import distributed, lifecycle
 from .sampling import generate, load_guidance_classifier, sampling_labels, save_samples
 from .utils import get_device, image_grid
 
@@ -399,6 +404,14 @@ class _Context:
         self._inception = None
         self._reference = None
         self.current_path = None
+        self.dist = distributed.current()
+        self.workers_listening = self.dist.enabled        # the other ranks wait in _serve for rank 0's orders
+
+    def order(self, order: dict) -> None:
+        """Send the other ranks of the process group (waiting in ``_serve``) their next order; no-op in one
+        process."""
+        if self.workers_listening:
+            self.dist.broadcast(order)
 
     def digits(self):
         if self._digits is None:
@@ -682,6 +695,30 @@ def _reset_samples(workdir, step):
     return hook
 
 
+def _sample_work(config, sde, model, settings, device):
+    """The function ``i -> arrays`` that draws sample batch i (its own seed), on any rank."""
+    N, bs = settings["num"], settings["batch_size"]
+    classifier = None
+    if str(config.sampling.guidance).lower() == "classifier":
+        classifier = load_guidance_classifier(config, sde, device=device)
+        num_classes = int(classifier[1].num_classes)
+    else:
+        num_classes = int(config.model.num_classes)
+    labels = sampling_labels(config, N, num_classes)
+
+    def work(i):
+        t0 = time.perf_counter()
+        b = min(bs, N - i * bs)
+        lab = labels[i * bs:i * bs + b] if labels is not None else None
+        res = generate(config, sde, model, num_samples=b, batch_size=b, device=device, labels=lab,
+                       seed=mix_seed(settings["seed"], _SAMPLE_SALT, i), classifier=classifier)
+        arrays = {"samples": res["samples"].numpy().astype(np.float32), "nfe": np.int64(res["nfe"])}
+        if lab is not None:
+            arrays["labels"] = lab.numpy().astype(np.int64)
+        return arrays, time.perf_counter() - t0
+    return work
+
+
 def _stage_samples(ctx, model_fn, rec, state) -> dict:
     s = rec["settings"]
     N, bs = s["num"], s["batch_size"]
@@ -694,35 +731,30 @@ def _stage_samples(ctx, model_fn, rec, state) -> dict:
     todo = [i for i in range(nb) if str(i) not in batches]
     config = ctx.config
     if todo:
+        # the other ranks of a process group draw their share of the batches (_serve); rank 0 records them all
         config, sde, model = model_fn()
-        classifier = None
-        if str(config.sampling.guidance).lower() == "classifier":
-            classifier = load_guidance_classifier(config, sde, device=ctx.device)
-            num_classes = int(classifier[1].num_classes)
-        else:
-            num_classes = int(config.model.num_classes)
-        labels = sampling_labels(config, N, num_classes)
+        work = _sample_work(config, sde, model, s, ctx.device)
         os.makedirs(os.path.dirname(_sample_batch_path(ctx.workdir, step, 0)), exist_ok=True)
+        ctx.order({"kind": "samples", "path": ctx.current_path, "settings": s, "todo": todo})
         from tqdm.auto import tqdm
         bar = tqdm(total=nb, initial=nb - len(todo), desc=f"samples step {step}", unit="batch", dynamic_ncols=True,
                    disable=ctx.progress)
+
+        def record(i, result):
+            arrays, seconds = result
+            _atomic_savez(_sample_batch_path(ctx.workdir, step, i), **arrays)
+            batches[str(i)] = {"n": int(arrays["samples"].shape[0]), "nfe": int(arrays["nfe"]), "seconds": seconds}
+            state.save()
+            bar.update(1)
+
         try:
-            for i in todo:
-                t0 = time.perf_counter()
-                b = min(bs, N - i * bs)
-                lab = labels[i * bs:i * bs + b] if labels is not None else None
-                res = generate(config, sde, model, num_samples=b, batch_size=b,
-                               seed=mix_seed(s["seed"], _SAMPLE_SALT, i), device=ctx.device, labels=lab,
-                               classifier=classifier)
-                arrays = {"samples": res["samples"].numpy().astype(np.float32), "nfe": np.int64(res["nfe"])}
-                if lab is not None:
-                    arrays["labels"] = lab.numpy().astype(np.int64)
-                _atomic_savez(_sample_batch_path(ctx.workdir, step, i), **arrays)
-                batches[str(i)] = {"n": b, "nfe": int(res["nfe"]), "seconds": time.perf_counter() - t0}
-                state.save()
-                lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: {len(batches)} of {nb} "
-                                     f"sample batches recorded in {state.path}; run the same command to resume")
-                bar.update(1)
+            distributed.run_sharded(ctx.dist, todo, work, record, where=f"sampling for step {step}",
+                                    stop_message=lambda: f"stopped by {{signal}} while evaluating step {step}: "
+                                    f"{len(batches)} of {nb} sample batches recorded in {state.path}; run the same "
+                                    f"command to resume")
+        except BaseException:
+            ctx.workers_listening = False           # run_sharded stopped every rank
+            raise
         finally:
             bar.close()
     xs, ls = [], []
@@ -903,28 +935,81 @@ def evaluate(config, workdir: str, checkpoint=None, device=None) -> dict:
     Raises ``CheckpointError`` for an unknown checkpoint and ``EvaluationError`` for unusable eval settings or missing
     Inception weights, before any work is done.
     """
-    config = _with_eval_defaults(config)
-    configs_lib.validate(config, "eval")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise EvaluationError(f"workdir {workdir} exists and is not a folder")
-    device = get_device(device or config.device)
-    ckpts, every = _checkpoints(workdir, config, checkpoint)
-    dataset = get_dataset(config, "test")
-    plan = _plan(config, dataset)
-    for step, path in ckpts:        # a corrupt checkpoint stops the evaluation before any work (or file), named
-        done = _State(workdir, step).complete(plan) and os.path.isfile(summary_path(workdir, step))
-        if not done and os.path.isfile(path):
-            load_checkpoint(path, map_location="cpu")
-    with lifecycle.WorkdirLock(workdir, "eval"), \
-            lifecycle.handle_signals("graceful", context=f"evaluating {workdir}"):
-        removed = remove_stale_temp_files([eval_dir(workdir)], recursive=True)
-        if removed:
-            logging.info("removed %d temporary file(s) left by an earlier, killed evaluation", len(removed))
-        return _evaluate(config, workdir, device, dataset, plan, ckpts, every)
-
-
-def _evaluate(config, workdir, device, dataset, plan, ckpts, every) -> dict:
+    dist = distributed.current()
+    error = None
+    try:
+        config = _with_eval_defaults(config)
+        configs_lib.validate(config, "eval")
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise EvaluationError(f"workdir {workdir} exists and is not a folder")
+        device = distributed.rank_device(dist, get_device(device or config.device))
+        ckpts, every = _checkpoints(workdir, config, checkpoint)
+        dataset = get_dataset(config, "test")
+        plan = _plan(config, dataset)
+    except Exception as e:
+        error = e
+    dist.check(error, "the evaluation's set-up")     # in a process group: every rank stops, rank 0 says why
+    if not dist.is_main:
+        with lifecycle.handle_signals("graceful", context=f"evaluating {workdir} (rank {dist.rank})"):
+            return _serve(dist, config, workdir, device)
     ctx = _Context(config, workdir, device, dataset)
+    try:
+        for step, path in ckpts:    # a corrupt checkpoint stops the evaluation before any work (or file), named
+            done = _State(workdir, step).complete(plan) and os.path.isfile(summary_path(workdir, step))
+            if not done and os.path.isfile(path):
+                load_checkpoint(path, map_location="cpu")
+        with lifecycle.WorkdirLock(workdir, "eval"), \
+                lifecycle.handle_signals("graceful", context=f"evaluating {workdir}"):
+            removed = remove_stale_temp_files([eval_dir(workdir)], recursive=True)
+            if removed:
+                logging.info("removed %d temporary file(s) left by an earlier, killed evaluation", len(removed))
+            out = _evaluate(ctx, plan, ckpts, every)
+    except BaseException as e:
+        # release the other ranks: with rank 0's signal (they stop as it did) or its failure (one line, rank 0's)
+        ctx.order({"kind": "stop", "signum": e.signum if isinstance(e, lifecycle.Interrupted) else None,
+                   "message": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        raise
+    ctx.order({"kind": "done"})
+    return out
+
+
+def _serve(dist, config, workdir: str, device) -> dict:
+    """A rank other than 0 of an evaluation: draw its share of every sample stage rank 0 orders (``run_sharded``),
+    until rank 0 says it is done (return) or stopped (raise as it did).  Rank 0 alone reads the evaluation state,
+    runs the other stages and writes every file; this rank waits for its next order meanwhile (at most
+    ``compute.dist_timeout`` seconds: the process group's timeout)."""
+    loaded = {}
+    while True:
+        order = dist.broadcast(None)
+        kind = order["kind"]
+        if kind == "done":
+            return {"rank": dist.rank}
+        if kind == "stop":
+            if order["signum"] is not None:
+                e = lifecycle.Stopped(int(order["signum"]), order["message"])
+            else:
+                e = distributed.RankFailedError(f"rank 0 of {dist.world_size} failed during the evaluation: "
+                                                f"{order['message']}")
+            e.reported_by_rank0 = True
+            raise e
+        s = order["settings"]
+        try:
+            if loaded.get("path") != order["path"]:
+                loaded.clear()
+                loaded["model"] = load_model(workdir, config=config, checkpoint=order["path"], device=device)
+                loaded["path"] = order["path"]
+            cfg, sde, model = loaded["model"]
+            work = _sample_work(cfg, sde, model, s, device)
+        except Exception as e:                     # reported through the first round, on every rank
+            def work(i, error=e):
+                raise error
+
+        distributed.run_sharded(dist, order["todo"], work, lambda i, result: None,
+                                where=f"sampling for {os.path.basename(order['path'])}")
+
+
+def _evaluate(ctx, plan, ckpts, every) -> dict:
+    workdir = ctx.workdir
     pending = [(s, p) for s, p in ckpts
                if not (_State(workdir, s).complete(plan) and os.path.isfile(summary_path(workdir, s)))]
     if pending and plan.get("metrics", {}).get("kind") == "inception":

@@ -49,17 +49,18 @@ import solvers
 
 from ..atomic import atomic_path
 from ..autoencoder import is_latent
-from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset
+from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset, mix_seed
 from ..guidance import cfg_score_batched, classifier_score
 from ..inpainting import Colorize, Inpaint
 from ..networks import get_model, get_score_fn
 from ..prediction import Model, as_model
+from . import distributed
 from .checkpoints import atomic_write_text, load_model
 from .utils import get_device, plot_points, save_image_grid
 
 Tensor = torch.Tensor
 
-__all__ = ["data_shape", "sampler_options", "generate", "save_samples", "sample", "load_sampling_model",
+__all__ = ["data_shape", "sampler_options", "generate", "generate_sharded", "save_samples", "sample", "load_sampling_model",
            "MODEL_SOURCES", "SamplingError", "GUIDANCE",
            "TASKS", "MASKS", "sampling_labels", "guided_score_fn", "load_guidance_classifier", "load_condition",
            "make_mask", "class_rows", "output_tag", "DATA_VAR"]
@@ -423,6 +424,56 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
     return dict({"samples": x, "labels": labels, "nfe": nfe}, **extra)
 
 
+#: salt of the per-batch seeds of ``--mode sample`` (batch i draws from ``mix_seed(sampling.seed, salt, i)``)
+SAMPLE_BATCH_SALT = 0x53414D50
+
+
+def generate_sharded(ctx, config, sde, model, device="cpu", classifier=None, condition: Optional[dict] = None):
+    """``generate`` for ``--mode sample``, in batches of ``sampling.batch_size`` with one seed per batch (batch i:
+    ``mix_seed(sampling.seed, SAMPLE_BATCH_SALT, i)``), shared out across the ranks of ``ctx`` (``distributed``:
+    rank k draws batches k, k + K, ...; rank 0 gathers them in order).  The samples therefore depend on the seed and
+    the batch size only, not on the number of processes.  Returns ``generate``'s dict on rank 0 (progress bar over
+    the batches on a terminal), None on the other ranks."""
+    s = config.sampling
+    n, bs = int(s.num_samples), int(s.batch_size)
+    if n < 1 or bs < 1:
+        raise SamplingError(f"sampling.num_samples and sampling.batch_size must be >= 1, got {n} and {bs}")
+    check_guidance(config)
+    labels = sampling_labels(config, n, _num_label_classes(config, classifier))
+    if _task(config) != "generate" and condition is None:
+        condition = load_condition(config)
+    nb = math.ceil(n / bs)
+    parts = {}
+
+    def work(i):
+        b = min(bs, n - i * bs)
+        res = generate(config, sde, model, num_samples=b, batch_size=b, device=device, classifier=classifier,
+                       seed=mix_seed(int(s.seed), SAMPLE_BATCH_SALT, i), condition=condition, progress=step_bar,
+                       labels=labels[i * bs:i * bs + b] if labels is not None else None)
+        res.pop("labels")
+        return res
+
+    step_bar = nb == 1 and ctx.is_main and sys.stderr.isatty()       # one batch: the solver's bar over its steps
+    from tqdm.auto import tqdm
+    bar = tqdm(total=nb, desc="sampling", unit="batch", dynamic_ncols=True,
+               disable=None if ctx.is_main and nb > 1 else True)
+
+    def record(i, res):
+        parts[i] = res
+        bar.update(1)
+
+    try:
+        distributed.run_sharded(ctx, range(nb), work, record, where="sampling")
+    finally:
+        bar.close()
+    if not ctx.is_main:
+        return None
+    out = {k: v for k, v in parts[0].items() if k not in ("samples", "nfe")}
+    out.update(samples=torch.cat([parts[i]["samples"] for i in range(nb)]), labels=labels,
+               nfe=sum(int(parts[i]["nfe"]) for i in range(nb)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ output
 def class_rows(x: Tensor, labels: Tensor, per_class: int = 16):
     """Images (N, C, H, W) arranged one class per row (classes in increasing order, at most ``per_class`` each,
@@ -572,21 +623,29 @@ def sample(config, workdir: str, checkpoint=None, device=None, out_dir: Optional
     Guided digits samples are also labelled by the digits classifier: ``class_accuracy.json`` holds the share
     labelled as the requested class, per class (the classifier is cached in ``<workdir>/eval`` or
     ``<workdir>/samples``)."""
-    device = get_device(device or config.device)
-    check_guidance(config, warn=False)
-    task = _task(config)
-    condition = load_condition(config) if task != "generate" else None
-    if task == "inpaint":
-        make_mask(config.sampling.mask, data_shape(config))          # a bad mask fails before the model loads
-    config, sde, model, step, name = load_sampling_model(config, workdir, checkpoint=checkpoint, device=device)
-    classifier = None
-    if _guidance(config) == "classifier":
-        classifier = load_guidance_classifier(config, sde, device=device)
-    logging.info("sampling %d examples from %s (step %d) with %s, %d steps, options %s, guidance %s (%g), task %s",
+    ctx = distributed.current()
+    error = None
+    try:
+        device = distributed.rank_device(ctx, get_device(device or config.device))
+        check_guidance(config, warn=False)
+        task = _task(config)
+        condition = load_condition(config) if task != "generate" else None
+        if task == "inpaint":
+            make_mask(config.sampling.mask, data_shape(config))          # a bad mask fails before the model loads
+        config, sde, model, step, name = load_sampling_model(config, workdir, checkpoint=checkpoint, device=device)
+        classifier = None
+        if _guidance(config) == "classifier":
+            classifier = load_guidance_classifier(config, sde, device=device)
+    except Exception as e:
+        error = e
+    ctx.check(error, "the sampling's set-up")        # in a process group: every rank stops, rank 0 says why
+    logging.info("sampling %d examples from %s (step %d) with %s, %d steps, options %s, guidance %s (%g), task %s%s",
                  config.sampling.num_samples, workdir, step, config.sampling.method, config.sampling.num_steps,
-                 sampler_options(config), config.sampling.guidance, config.sampling.guidance_scale, task)
-    result = generate(config, sde, model, device=device, progress=sys.stderr.isatty(), classifier=classifier,
-                      condition=condition)
+                 sampler_options(config), config.sampling.guidance, config.sampling.guidance_scale, task,
+                 f", {ctx.world_size} processes" if ctx.enabled else "")
+    result = generate_sharded(ctx, config, sde, model, device=device, classifier=classifier, condition=condition)
+    if not ctx.is_main:             # rank 0 writes the samples
+        return {"rank": ctx.rank}
     tag = output_tag(config)
     out_dir = out_dir or os.path.join(workdir, "samples", name + (f"_{tag}" if tag else ""))
     reference = None
