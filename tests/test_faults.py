@@ -187,6 +187,18 @@ def _kill_campaign(reference, wd, kills, seed):
         during_write = kills_done % 4 == 1
 
         def child():
+            # 50 ms per update: the 10 updates between two checkpoints outlast the longest delay below, so every
+            # timed kill lands before the run can finish, however fast the machine
+            get_loss = train_lib.get_loss_fn
+
+            def slow_get_loss_fn(*args, **kwargs):
+                loss_fn = get_loss(*args, **kwargs)
+
+                def slow(*a, **k):
+                    time.sleep(0.05)
+                    return loss_fn(*a, **k)
+                return slow
+            train_lib.get_loss_fn = slow_get_loss_fn
             if during_write:
                 def dying_write(data, path, durable=True):
                     with atomic.atomic_path(path) as tmp:
