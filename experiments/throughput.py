@@ -3,7 +3,7 @@ side with the peers' networks of the same size (diffusers' ``UNet2DModel`` and s
 
     python -m experiments.throughput [--config vp_cifar] [--batch-size 8] [--device cpu] [--steps 3] [--rounds 3]
         [--threads 1] [--variants baseline,fused_adam,foreach_ema,fast,bf16,channels_last,compile,reference_ops|none]
-        [--peers ours,ours_ref,diffusers,score_sde|none] [--score-sde PATH] [--eval-batch 64] [--profile]
+        [--peers ours,ours_bf16,ours_ref,diffusers,score_sde|none] [--score-sde PATH] [--eval-batch 64] [--profile]
         [--ours-compute autocast=bf16,channels_last=true,compile=true]
         [--quick] [--out DIR]
 
@@ -18,7 +18,9 @@ network; its compile time is printed apart and not in the table); ``reference_op
 projections as ``Conv2d`` and attention as einsum + softmax: the network before the GEMM / SDPA change).
 
 **Peers** (``--peers``, on ``--peer-config``, default vp_cifar): ``ours`` (our U-Net, our training update with the
-config's compute defaults, or with ``--ours-compute`` — the GPU figure: autocast=bf16,channels_last=true,compile=true), ``ours_ref`` (the same under ``unet.reference_ops()``), ``diffusers`` (``UNet2DModel`` in
+config's compute defaults, or with ``--ours-compute`` — the GPU figure: autocast=bf16,channels_last=true,compile=true), ``ours_bf16`` (the same with bf16 autocast in the update and the evaluations: on a CPU with
+AVX512-BF16 / AMX the fast way to run ours; its ratios are the ``bf16_*`` columns), ``ours_ref`` (the same under
+``unet.reference_ops()``), ``diffusers`` (``UNet2DModel`` in
 DDPM's CIFAR-10 configuration, built from the config's sizes: block_out_channels nf * ch_mult, layers_per_block,
 attention blocks at attn_resolutions, dropout, eps 1e-6, one head; trained by *our* update — loss, Adam, EMA — so the
 ratio is the network's), ``score_sde`` (score_sde_pytorch's ``models/ddpm.py`` DDPM from a local checkout given by
@@ -70,7 +72,7 @@ VARIANTS = {
     "compile": dict(adam_impl="auto", ema_foreach=True, compile=True),
     "reference_ops": dict(adam_impl="auto", ema_foreach=True, reference_ops=True),
 }
-PEERS = ("ours", "ours_ref", "diffusers", "score_sde")
+PEERS = ("ours", "ours_bf16", "ours_ref", "diffusers", "score_sde")
 
 
 def sync(device):
@@ -159,7 +161,7 @@ def parse_compute(text: Optional[str]) -> dict:
     return options
 
 
-def build_ours(config, x, device, reference=False, options=None):
+def build_ours(config, x, device, reference=False, options=None, name=None):
     """Our U-Net and our update, with the ``compute`` ``options`` (``--ours-compute``: e.g. bf16 + channels_last +
     compile for the GPU figure) applied to both the step and the forward."""
     options = dict(options or {})
@@ -174,7 +176,7 @@ def build_ours(config, x, device, reference=False, options=None):
             return net(xb, t)
     note = "our U-Net, 1x1 as Conv2d + einsum attention (before)" if reference else "our U-Net (GEMM 1x1 + SDPA)"
     extra = f" with {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""
-    return Peer("ours_ref" if reference else "ours", model, forward, update, note + "; our update" + extra)
+    return Peer(name or ("ours_ref" if reference else "ours"), model, forward, update, note + "; our update" + extra)
 
 
 def diffusers_ddpm_kwargs(config) -> dict:
@@ -566,6 +568,9 @@ def run_peers(config, peer_names, batch_size, steps, rounds, evals, eval_batch, 
     for name in peer_names:
         if name in ("ours", "ours_ref"):
             peer, why = build_ours(config, x, device, reference=name == "ours_ref", options=ours_compute), None
+        elif name == "ours_bf16":           # ours with bf16 autocast in the step and the evaluations
+            peer = build_ours(config, x, device, options={**ours_compute, "autocast": "bf16"}, name=name)
+            why = None
         elif name == "diffusers":
             peer, why = build_diffusers(config, x, device)
         else:
@@ -616,8 +621,9 @@ def run_peers(config, peer_names, batch_size, steps, rounds, evals, eval_batch, 
     med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in
            (("fwd", fwd), ("step", step), ("step_wall", step_wall), ("ev", ev))}
     ours = "ours"
+    bf16 = ["bf16_step_speedup", "bf16_evals_ratio"] if "ours_bf16" in med["step"] else []
     table = Table("peers", ["network", "params", "forward_ms", "step_ms", "step_wall_ms", "activations_MB",
-                            "evals_per_s", "ours_fwd_speedup", "ours_step_speedup", "ours_evals_ratio"],
+                            "evals_per_s", "ours_fwd_speedup", "ours_step_speedup", "ours_evals_ratio"] + bf16,
                   title=f"Ours vs peers at batch {batch_size} ({'wall' if clock == 0 else 'CPU'}-time medians over "
                         f"{len(fwd[ours])} interleaved rounds; speedup / ratio > 1: ours faster)")
     for p in peers:
@@ -627,7 +633,9 @@ def run_peers(config, peer_names, batch_size, steps, rounds, evals, eval_batch, 
                   activations_MB=mem[n] / 2 ** 20, evals_per_s=1 / med["ev"][n],
                   ours_fwd_speedup=med["fwd"][n] / med["fwd"][ours],
                   ours_step_speedup=med["step"][n] / med["step"][ours],
-                  ours_evals_ratio=med["ev"][n] / med["ev"][ours])
+                  ours_evals_ratio=med["ev"][n] / med["ev"][ours],
+                  **({"bf16_step_speedup": med["step"][n] / med["step"]["ours_bf16"],
+                      "bf16_evals_ratio": med["ev"][n] / med["ev"]["ours_bf16"]} if bf16 else {}))
     report.table(table)
     report.note(("forward_ms, step_ms, evals_per_s: wall clock" if clock == 0 else
                  "forward_ms, step_ms, evals_per_s: CPU time of this process (the wall clock of a shared CPU measures "
@@ -636,7 +644,9 @@ def run_peers(config, peer_names, batch_size, steps, rounds, evals, eval_batch, 
                                       "tensors saved for backward by one training forward, parameters excluded (CPU "
                                       "estimate; parameters, gradients, Adam moments and EMA add 5 x 4 bytes per "
                                       "parameter for every network alike)")
-                + f"; evals_per_s: network evaluations (no grad) of a batch of {eval_batch} per second")
+                + f"; evals_per_s: network evaluations (no grad) of a batch of {eval_batch} per second"
+                + ("; bf16_*: the same ratios for ours_bf16 (our network and update under bf16 autocast: "
+                   "compute.autocast=bf16 in training, sampling.autocast=bf16 in sampling)" if bf16 else ""))
     if args.profile:
         prof = Table("profile", ["network", "total_ms", "forward_pct", "backward_pct", "update_pct"]
                      + [f"{c}_pct" for c in PROFILE_CATEGORIES],

@@ -65,6 +65,8 @@ def get_default_config():
     sampling.num_samples = 64
     sampling.batch_size = 64
     sampling.seed = 0
+    sampling.autocast = "none"        # none | bf16 (every network call under torch.autocast, CPU or CUDA; the solver's
+    #                                   arithmetic stays float32) | fp16 (CUDA only)
     sampling.class_label = -1         # conditional models: -1 cycles through the classes, else this label
     # the sampler's and the schedule's own options, e.g. --config.sampling.options.order=3 for dpm_solver or
     # --config.sampling.options.rho=5 for the edm schedule; validated against their signatures (an unknown option is

@@ -184,6 +184,7 @@ def _sampling(config):
     _number(config, s + "eps", lo=0, lo_open=True, hi=1)
     _number(config, s + "seed", integer=True, lo=0)
     _bool(config, s + "denoise")
+    _choice(config, s + "autocast", ("none", "bf16", "fp16"))
     m = _get(config, s + "method")
     if m is not _MISSING and not isinstance(m, str):
         raise ConfigError(f"config key 'sampling.method' must be a sampler name, got {m!r}")

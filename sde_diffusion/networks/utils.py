@@ -17,6 +17,8 @@ two conventions are not interchangeable.  Every parameterisation maps to one dec
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Optional
 
 import torch
@@ -147,3 +149,24 @@ def get_score_fn(sde, model: nn.Module, train: bool = False, y=None,
     """``score_fn(x: (B, *D), t: (B,)) -> (B, *D)``, the network's estimate of grad_x log p_t(x) under ``sde``
     (``get_model(...)``'s score: eps-type outputs are divided by the noise level the network was trained at)."""
     return get_model(sde, model, train=train, y=y, parameterization=parameterization).score_fn(sde)
+
+
+@contextlib.contextmanager
+def autocast_network(model: nn.Module, device_type: str, dtype: Optional[torch.dtype]):
+    """Within the block every call of ``model`` runs under ``torch.autocast(device_type, dtype)`` and returns float32
+    (``dtype=None``: unchanged).  Only the network's own ops are cast (its convolutions and GEMMs in ``dtype``); what
+    the caller does with the output — a solver's arithmetic, a guidance term — stays in float32."""
+    if dtype is None:
+        yield model
+        return
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            out = original(*args, **kwargs)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+    model.forward = forward             # the instance attribute shadows the class's forward for __call__
+    try:
+        yield model
+    finally:
+        del model.forward

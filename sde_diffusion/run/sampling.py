@@ -53,6 +53,7 @@ from ..data import get_data_inverse_scaler, get_data_scaler, get_dataset, mix_se
 from ..guidance import cfg_score_batched, classifier_score
 from ..inpainting import Colorize, Inpaint
 from ..networks import get_model, get_score_fn
+from ..networks.utils import autocast_network
 from ..prediction import Model, as_model
 from . import distributed
 from .checkpoints import atomic_write_text, load_model
@@ -397,25 +398,15 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
         if mask is not None:
             extra["mask"] = mask.expand(shape)[None].clone()
 
+    dtype = _autocast_dtype(config, model, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out, nfe = [], 0
-    for start in range(0, n, bs):
-        b = min(bs, n - start)
-        y = labels[start:start + b].to(device) if labels is not None else None
-        score_fn = guided_score_fn(config, sde, model, y, classifier)
-        if constraint is not None:
-            score_fn = constraint.conditional_score(as_model(score_fn).score_fn(sde), covariance="isotropic",
-                                                    data_var=float(s.get("inpaint_data_var", DATA_VAR)))
-        res = solvers.sample(sde, score_fn, (b, *shape), method=s.method, num_steps=int(s.num_steps),
-                             generator=gen, eps=float(s.eps), schedule=s.schedule, denoise=bool(s.denoise),
-                             progress=progress, device=device, constraint=constraint, **options)
-        x = res.samples
-        if constraint is not None:
-            x = constraint.finalize(x)
-        if codec is not None:
-            x = codec.decode(x)
-        out.append(x.float().cpu())
-        nfe += res.nfe
+    with autocast_network(model, device.type, dtype):
+        for start in range(0, n, bs):
+            x, res = _generate_batch(config, sde, model, labels, start, min(bs, n - start), shape, classifier,
+                                     constraint, codec, gen, progress, device, options)
+            out.append(x)
+            nfe += res.nfe
     x = inverse(torch.cat(out))
     if config.data.dataset.lower() != "toy":
         x = x.clamp(0.0, 1.0)
@@ -472,6 +463,41 @@ def generate_sharded(ctx, config, sde, model, device="cpu", classifier=None, con
     out.update(samples=torch.cat([parts[i]["samples"] for i in range(nb)]), labels=labels,
                nfe=sum(int(parts[i]["nfe"]) for i in range(nb)))
     return out
+
+
+def _autocast_dtype(config, model, device) -> Optional[torch.dtype]:
+    """``sampling.autocast``'s dtype for the network calls (None: float32)."""
+    name = str(config.sampling.get("autocast", "none")).lower()
+    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise SamplingError(f"unknown sampling.autocast {name!r}; available: {', '.join(dtypes)}")
+    if name == "fp16" and device.type != "cuda":
+        raise SamplingError("sampling.autocast=fp16 needs a CUDA device; use bf16 on a CPU")
+    if dtypes[name] is not None and isinstance(model, Model):
+        raise SamplingError(f"sampling.autocast={name} casts our networks' calls; a model loaded with "
+                            f"model.source={config.model.get('source', 'diffusers')} runs in float32")
+    return dtypes[name]
+
+
+def _generate_batch(config, sde, model, labels, start, b, shape, classifier, constraint, codec, gen, progress,
+                    device, options):
+    """One batch of ``generate``: (samples (b, ...) float32 on the CPU before the inverse scaler, the sampler's
+    result)."""
+    s = config.sampling
+    y = labels[start:start + b].to(device) if labels is not None else None
+    score_fn = guided_score_fn(config, sde, model, y, classifier)
+    if constraint is not None:
+        score_fn = constraint.conditional_score(as_model(score_fn).score_fn(sde), covariance="isotropic",
+                                                data_var=float(s.get("inpaint_data_var", DATA_VAR)))
+    res = solvers.sample(sde, score_fn, (b, *shape), method=s.method, num_steps=int(s.num_steps),
+                         generator=gen, eps=float(s.eps), schedule=s.schedule, denoise=bool(s.denoise),
+                         progress=progress, device=device, constraint=constraint, **options)
+    x = res.samples
+    if constraint is not None:
+        x = constraint.finalize(x)
+    if codec is not None:
+        x = codec.decode(x)
+    return x.float().cpu(), res
 
 
 # ------------------------------------------------------------------------------------------------ output
