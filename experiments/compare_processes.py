@@ -7,7 +7,11 @@ is sampled by the same deterministic solvers at NFE 5 / 10 / 20 / 50, each on it
 ``sde_diffusion.evaluation.digits``: the Fréchet distance of its features (FD), the share of confidently labelled
 samples and the number of classes covered, next to the same numbers for as many real training digits (the floor).
 Test bits/dim through the probability-flow ODE (``--mode eval``'s bpd stage) for the data-space families; the latent
-family has none (its density lives on latents).
+family has none (its density lives on latents).  The 17-level digits are dequantised (``uniform_centered``: k + U in
+the bin of width 2/16 centred on each level), so an exactly integrated ODE gives bits/dim >= 0 (Jensen: E_U[-log2
+p(k + U)] >= -log2 P(k) >= 0).  With the default adaptive RK45 a negative value fails the run's checks; a fixed-step
+``--bpd-solver`` (heun, ...) on briefly trained models, whose probability flow is stiff near t = eps, can break the
+bound (the density it integrates no longer normalises): such a value is reported as invalid, not as a number.
 
     python -m experiments.compare_processes                       # the full budget (hours on a 2-core CPU)
     python -m experiments.compare_processes --steps 1500 --num-samples 500 --bpd-examples 100
@@ -51,10 +55,23 @@ def build_parser():
                    "a fixed-step solver such as heun is faster but can give invalid, even negative, bits/dim on "
                    "briefly trained models, whose scores are sharp near t = 0)")
     p.add_argument("--bpd-steps", type=int, default=100, help="steps of a fixed-step --bpd-solver")
+    p.add_argument("--bpd-tol", type=float, default=1e-5, help="rtol = atol of the rk45 --bpd-solver (eval's 1e-5)")
     p.add_argument("--workdir", default="", help="training runs go here (default <out>/runs); finished runs are reused")
     p.add_argument("--digits-cache", default="", help="folder of the cached digits classifier (default <workdir>/"
                    "digits_eval; trained once, ~10 s)")
     return p
+
+
+def bpd_cells(b: dict, how: str, exact: bool) -> dict:
+    """The training table's bits/dim cells of an eval bpd result ``b``: a negative (or non-finite) value is no valid
+    bits/dim of dequantised data (Jensen), so it is shown as ``invalid`` with the raw number in the note."""
+    valid = math.isfinite(b["bpd"]) and b["bpd"] >= 0
+    cells = {"bpd": b["bpd"] if valid else "invalid", "bpd_stderr": b["bpd_stderr"] if valid else None,
+             "bpd_nfe_per_batch": b.get("nfe_per_batch")}
+    if not valid:
+        cells["bpd_note"] = (f"{how} gave {b['bpd']:.3g}, below 0, which no density of dequantised data can: the "
+                             f"ODE was not integrated exactly enough" + ("" if exact else "; use --bpd-solver rk45"))
+    return cells
 
 
 def _config(name, args, workdir_ae=""):
@@ -104,7 +121,7 @@ def run(args):
 
     if args.quick:
         args.steps, args.nf, args.ae_steps, args.batch_size = 16, 8, 30, 32
-        args.num_samples, args.bpd_examples = 32, 0
+        args.num_samples, args.bpd_examples, args.bpd_solver, args.bpd_tol = 32, 4, "rk45", 1e-3
         args.solvers, args.nfe = "euler,dpm_solver", "5,10"
     out = prepare_out(args.out)
     runs = args.workdir or str(out / "runs")
@@ -115,8 +132,13 @@ def run(args):
                 f"{args.num_samples} samples per cell; seed {args.seed}; {args.threads} thread(s).")
     trained, times, ae_wd = _train_all(args, runs, report)
 
-    tt = Table("training", ["family", "config", "updates", "train_seconds", "bpd", "bpd_stderr"],
-               "Training (same updates; wall time measured) and test bits/dim")
+    exact_bpd = args.bpd_solver == "rk45"
+    bpd_how = (f"adaptive rk45, tolerance {args.bpd_tol:g}" if exact_bpd
+               else f"fixed-step {args.bpd_solver}, {args.bpd_steps} steps")
+    tt = Table("training", ["family", "config", "updates", "train_seconds", "bpd", "bpd_stderr", "bpd_nfe_per_batch",
+                            "bpd_note"],
+               f"Training (same updates; wall time measured) and test bits/dim ({args.bpd_examples} test digits, "
+               f"probability-flow ODE: {bpd_how})")
     bpd = {}
     if args.bpd_examples > 0:
         from sde_diffusion.run.evaluate import evaluate
@@ -126,17 +148,24 @@ def run(args):
             ce = configs.apply_overrides(c, {"eval.enable_sampling": False, "eval.enable_bpd": True,
                                              "eval.bpd_num_examples": args.bpd_examples,
                                              "eval.bpd_solver": args.bpd_solver, "eval.bpd_num_steps": args.bpd_steps,
+                                             "eval.bpd_rtol": args.bpd_tol, "eval.bpd_atol": args.bpd_tol,
                                              "eval.progress": False})
             s = evaluate(ce, wd, checkpoint="latest", device="cpu")
             bpd[name] = s["bpd"]
     for name, (c, wd, _) in trained.items():
         b = bpd.get(name)
         tt.add(family=name, config=FAMILIES[name], updates=args.steps, train_seconds=times.get(name),
-               bpd=b["bpd"] if b else None, bpd_stderr=b["bpd_stderr"] if b else None)
+               **(bpd_cells(b, bpd_how, exact_bpd) if b else {}))
     if "ldm_autoencoder" in times:
         tt.add(family="ldm (autoencoder)", config="ldm_digits", updates=args.ae_steps,
                train_seconds=times["ldm_autoencoder"])
     report.table(tt)
+    if bpd:
+        check(all(b.get("dequantize") in ("uniform", "uniform_centered") and int(b.get("num_levels", 0)) == 17
+                  for b in bpd.values()), "bits/dim are of uniformly dequantised 17-level digits")
+        negative = [f"{name} ({b['bpd']:.3g})" for name, b in bpd.items() if not b["bpd"] >= 0]
+        check(not negative, f"every bits/dim is >= 0 ({bpd_how}; a valid density of dequantised data cannot go below)"
+              + (f": not {', '.join(negative)}" if negative else ""), strict=exact_bpd)
 
     evaluator = DigitsEvaluator(args.digits_cache or os.path.join(runs, "digits_eval"))
     floor = evaluator.floor(num_samples=args.num_samples, seed=args.seed)

@@ -14,6 +14,9 @@
   first batch there, here on the whole training split): the diffusion model sees unit-variance latents.
 * ``LatentCodec`` — the frozen autoencoder and its scale factor: ``encode(x)`` = scale · mean (or a posterior sample,
   ``model.latent_sample``) before the diffusion loss, ``decode(z)`` = decoder(z / scale) after sampling.
+  ``identity`` names the checkpoint it came from: ``{"path", "step", "sha256", "scale_factor"}``, ``sha256`` the digest
+  of the EMA weights and the scale factor (what decoding depends on).  A latent run records it in each checkpoint, and
+  ``run.autoencoder_train.load_codec(..., expected=...)`` refuses an autoencoder whose digest differs (issue 13).
 
 Configuration (core, no I/O): a config diffuses in latent space when ``model.autoencoder_workdir`` names the workdir
 of a ``--mode train_autoencoder`` run; its ``autoencoder`` section (``configs/ldm_digits.py``) describes the
@@ -197,10 +200,11 @@ class LatentCodec:
     """The frozen autoencoder between model space and the diffusion's latent space.
 
     ``encode(x)``: x (B, C, H, W) in model space -> scale · mean(x) (or scale · z, z ~ q(z | x), when ``sample``);
-    ``decode(z)``: decoder(z / scale) -> (B, C, H, W) in model space.  ``shape`` is one latent's (c, h, w)."""
+    ``decode(z)``: decoder(z / scale) -> (B, C, H, W) in model space.  ``shape`` is one latent's (c, h, w);
+    ``identity`` the checkpoint's ``{"path", "step", "sha256", "scale_factor"}`` (empty for a codec built in memory)."""
 
     def __init__(self, model: KLAutoencoder, scale_factor: float, shape: Tuple[int, int, int], sample: bool = False,
-                 source: str = ""):
+                 source: str = "", identity: Optional[dict] = None):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -208,6 +212,7 @@ class LatentCodec:
         self.shape = tuple(int(s) for s in shape)
         self.sample = bool(sample)
         self.source = source
+        self.identity = dict(identity or {})
 
     @torch.no_grad()
     def encode(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

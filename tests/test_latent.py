@@ -181,6 +181,103 @@ def test_missing_corrupt_and_incompatible_autoencoders_are_one_line_errors(ae_wo
     assert "no 'autoencoder' section" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ provenance
+@pytest.fixture(scope="module")
+def other_ae_workdir(tmp_path_factory):
+    """A second autoencoder of the same shape (another seed, 20 updates): 'B', not the fixture's 'A'."""
+    wd = str(tmp_path_factory.mktemp("latent_b") / "ae_b")
+    code = cli.cli(["main.py", "--mode", "train_autoencoder", "--config", "ldm_digits", "--workdir", wd,
+                    "--config.seed=1", "--config.autoencoder.ch=8", "--config.autoencoder.batch_size=32",
+                    "--config.autoencoder.n_iters=20", "--config.autoencoder.checkpoint_freq=20",
+                    "--config.autoencoder.progress=false"])
+    assert code == 0
+    return wd
+
+
+def _latent_config(ae_wd):
+    return configs.apply_overrides(configs.get_config("ldm_digits"), {"model.autoencoder_workdir": ae_wd})
+
+
+def _replace(dst, src):
+    import shutil
+    shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def test_codec_identity_survives_a_copy_and_a_replaced_autoencoder_is_refused(ae_workdir, other_ae_workdir, tmp_path):
+    import shutil
+    from sde_diffusion.run import autoencoder_train as ae_train
+    a = ae_train.load_codec(_latent_config(ae_workdir))
+    ident = a.identity
+    assert set(ident) == {"path", "step", "sha256", "scale_factor"} and ident["step"] == 150
+    assert os.path.isabs(ident["path"]) and ident["path"].endswith("ckpt_00000150.pt") and len(ident["sha256"]) == 64
+    assert ident["scale_factor"] == a.scale_factor
+    # the digest is of the weights and scale factor: a copied workdir is the same autoencoder
+    wd = str(tmp_path / "ae")
+    shutil.copytree(ae_workdir, wd)
+    copy = ae_train.load_codec(_latent_config(wd), expected=ident)
+    assert copy.identity["sha256"] == ident["sha256"] and copy.identity["path"] != ident["path"]
+    ae_train.check_identity(copy, ident)
+    ae_train.check_identity(copy, None)                  # nothing recorded (an older run): nothing to check
+    # the workdir now holds another autoencoder B: one line naming both, and what to do
+    _replace(wd, other_ae_workdir)
+    with pytest.raises(ae_train.AutoencoderMismatchError) as e:
+        ae_train.load_codec(_latent_config(wd), expected=ident)
+    msg = str(e.value)
+    b = ae_train.load_codec(_latent_config(wd)).identity
+    assert "\n" not in msg and ident["sha256"][:12] in msg and b["sha256"][:12] in msg
+    assert b["sha256"] != ident["sha256"]
+    assert "not the one this latent model was trained on" in msg and "model.autoencoder_workdir" in msg
+    assert isinstance(e.value, ae_train.AutoencoderError)
+    # the right checkpoint named explicitly (model.autoencoder_workdir may name a checkpoint file) loads
+    explicit = ae_train.load_codec(_latent_config(ident["path"]), expected=ident)
+    assert explicit.identity["sha256"] == ident["sha256"]
+
+
+def test_an_autoencoder_trained_on_is_found_at_its_recorded_step(ae_workdir, tmp_path):
+    import shutil
+    from sde_diffusion.run import autoencoder_train as ae_train
+    ident = ae_train.load_codec(_latent_config(ae_workdir)).identity
+    wd = str(tmp_path / "ae")
+    shutil.copytree(ae_workdir, wd)
+    more = _tiny_config(**{"autoencoder.n_iters": 160, "autoencoder.checkpoint_freq": 10,
+                           "autoencoder.keep_checkpoints": 3})
+    assert ae_train.train_autoencoder(more, wd)["step"] == 160
+    latest = ae_train.load_codec(_latent_config(wd))
+    assert latest.identity["step"] == 160 and latest.identity["sha256"] != ident["sha256"]
+    codec = ae_train.load_codec(_latent_config(wd), expected=ident)       # step 150 is still kept: that one
+    assert codec.identity["step"] == 150 and codec.identity["sha256"] == ident["sha256"]
+
+
+def test_a_latent_run_records_its_autoencoder_and_refuses_another_one(ae_workdir, other_ae_workdir, tmp_path, capsys):
+    import shutil
+    from sde_diffusion.run.checkpoints import latest_checkpoint, load_checkpoint
+    ae = str(tmp_path / "ae")
+    shutil.copytree(ae_workdir, ae)
+    wd = str(tmp_path / "ldm")
+    assert cli.cli(_ldm_args(wd, ae, "--mode", "train", "--config", "ldm_digits")) == 0
+    recorded = load_checkpoint(latest_checkpoint(wd)).get("autoencoder")
+    assert recorded is not None
+    assert recorded["step"] == 150 and recorded["path"] == os.path.abspath(os.path.join(ae, "checkpoints",
+                                                                                      "ckpt_00000150.pt"))
+    sample = ["main.py", "--mode", "sample", "--workdir", wd, "--config.sampling.num_steps=2",
+              "--config.sampling.num_samples=2", "--config.sampling.batch_size=2"]
+    evaluate = ["main.py", "--mode", "eval", "--workdir", wd, "--config.eval.enable_sampling=false",
+                "--config.eval.enable_bpd=false", "--config.eval.progress=false"]
+    resume = _ldm_args(wd, ae, "--mode", "train", "--config.training.n_iters=4")
+    assert cli.cli(sample) == 0
+    capsys.readouterr()
+    _replace(ae, other_ae_workdir)                       # the autoencoder's workdir now holds another one
+    for argv in (sample, evaluate, resume):
+        assert cli.cli(argv) == 1, argv[2]
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not the one this latent model was trained on" in err, err
+        assert recorded["sha256"][:12] in err
+    assert load_checkpoint(latest_checkpoint(wd))["step"] == 3               # the refused resume trained nothing
+    _replace(ae, ae_workdir)                             # the right one back: everything loads again
+    assert cli.cli(sample) == 0 and cli.cli(resume) == 0
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def test_cifar_flow_matching_and_edm_configs_carry_the_published_hyperparameters():
     from sde_diffusion import sdes

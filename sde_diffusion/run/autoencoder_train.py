@@ -15,8 +15,17 @@ Layout of ``<workdir>``: ``config.json``; ``checkpoints/ckpt_<step:08d>.pt`` = `
 ``autoencoder.json`` (test reconstruction error of the EMA weights next to the mean-image baseline, KL, scale
 factor); ``reconstructions.png`` (rows of test images over their reconstructions); ``tensorboard/``.
 
-``load_codec(config, device)`` -> ``LatentCodec`` of ``config.model.autoencoder_workdir`` (cached per checkpoint file);
-a missing, corrupt or incompatible autoencoder is one ``AutoencoderError`` line.
+``load_codec(config, device, expected=None)`` -> ``LatentCodec`` of ``config.model.autoencoder_workdir`` (its latest
+checkpoint; the setting may also name one checkpoint file), cached per checkpoint file; a missing, corrupt or
+incompatible autoencoder is one ``AutoencoderError`` line.
+
+Provenance (issue 13).  ``codec.identity`` = ``{"path", "step", "sha256", "scale_factor"}`` names the checkpoint the
+codec came from; ``sha256`` is the digest (``checkpoints.state_digest``) of its EMA weights and scale factor, so it
+survives copying or moving the workdir but not retraining.  A latent run stores the identity in each of its
+checkpoints (``"autoencoder"``); a later load passes it as ``expected``.  When the workdir's latest autoencoder is
+another one (retrained, replaced), the recorded step's checkpoint is used if the workdir still holds it with the same
+digest (the autoencoder was trained on after the latent run started); otherwise ``check_identity`` raises
+``AutoencoderMismatchError`` naming both identities.  A checkpoint recorded before identities existed is not checked.
 """
 from __future__ import annotations
 
@@ -41,7 +50,7 @@ from . import lifecycle
 from .utils import get_device, open_summary_writer, optimizer_step, save_image_grid, seed_everything
 
 __all__ = ["train_autoencoder", "load_autoencoder", "load_codec", "evaluate_autoencoder", "AutoencoderError",
-           "DATA_KEYS"]
+           "AutoencoderMismatchError", "check_identity", "describe_identity", "weights_digest", "DATA_KEYS"]
 
 _KIND = "autoencoder"
 #: data keys an autoencoder and the latent config using it must agree on
@@ -50,6 +59,10 @@ DATA_KEYS = ("dataset", "image_size", "num_channels", "centered")
 
 class AutoencoderError(ckpt_lib.CheckpointError):
     """An autoencoder workdir or checkpoint that cannot be used (missing, not an autoencoder, incompatible)."""
+
+
+class AutoencoderMismatchError(AutoencoderError):
+    """The autoencoder found is not the one a latent model was trained on (its weights digest differs)."""
 
 
 def _train_command(workdir: str) -> str:
@@ -250,7 +263,7 @@ def _train(config, workdir, device, model) -> dict:
 # ------------------------------------------------------------------------------------------------ loading
 def load_autoencoder(workdir: str, checkpoint: Union[None, int, str] = None, device="cpu"):
     """``(config, ema_model, info)``: the EMA autoencoder of the latest (or named) checkpoint in ``workdir``, frozen,
-    with ``info = {"path", "step", "scale_factor", "latent_shape"}``."""
+    with ``info = {"path", "step", "scale_factor", "latent_shape", "sha256"}`` (``sha256``: ``weights_digest``)."""
     if not workdir:
         raise AutoencoderError("a latent config needs model.autoencoder_workdir, the workdir of an autoencoder "
                                "trained with --mode train_autoencoder")
@@ -277,40 +290,116 @@ def load_autoencoder(workdir: str, checkpoint: Union[None, int, str] = None, dev
     for p in model.parameters():
         p.requires_grad_(False)
     info = {"path": path, "step": int(state["step"]), "scale_factor": float(state["scale_factor"]),
-            "latent_shape": tuple(int(s) for s in state["latent_shape"])}
+            "latent_shape": tuple(int(s) for s in state["latent_shape"]),
+            "sha256": weights_digest(state["ema"]["model"], state["scale_factor"])}
     return config, model, info
 
 
+def weights_digest(weights: dict, scale_factor: float) -> str:
+    """SHA-256 (hex) of an autoencoder's (EMA) state dict and its scale factor: everything decoding depends on."""
+    return ckpt_lib.state_digest({"weights": weights, "scale_factor": float(scale_factor)})
+
+
 _CACHE: dict = {}
+_CACHE_SIZE = 4
 
 
-def load_codec(config, device="cpu") -> LatentCodec:
-    """The ``LatentCodec`` of ``config.model.autoencoder_workdir`` (latest checkpoint) on ``device``, checked against
-    ``config``: the data keys ``DATA_KEYS`` and the latent shape of ``config.autoencoder`` must be the
-    autoencoder's.  Cached per (checkpoint file, modification time, device, sampling)."""
-    if not is_latent(config):
-        raise AutoencoderError(f"config {config.name!r} diffuses in data space (model.autoencoder_workdir is empty)")
-    workdir = str(config.model.autoencoder_workdir).strip()
-    sample = bool(config.model.get("latent_sample", False))
-    device = torch.device(device)
-    path = ckpt_lib.latest_checkpoint(workdir) if os.path.isdir(workdir) else None
+def _codec_source(setting: str):
+    """``(workdir, checkpoint)`` of ``model.autoencoder_workdir``: a workdir (latest checkpoint) or one checkpoint
+    file ``<workdir>/checkpoints/ckpt_<step>.pt``."""
+    if os.path.isfile(setting):
+        folder = os.path.dirname(os.path.abspath(setting))
+        workdir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+        return workdir, setting
+    return setting, None
+
+
+def _codec(config, workdir, checkpoint, device, sample) -> LatentCodec:
+    """The codec of ``checkpoint`` (None: the latest) in ``workdir``, checked against ``config``, cached."""
+    path = checkpoint
+    if path is None and os.path.isdir(workdir):
+        path = ckpt_lib.latest_checkpoint(workdir)
     key = None
-    if path is not None:
+    if path is not None and os.path.isfile(path):
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, str(device), sample)
         if key in _CACHE:
             codec = _CACHE[key]
             _check_compatible(config, codec.config, codec.shape, codec.source)
             return codec
-    ae_config, model, info = load_autoencoder(workdir, device=device)
+    ae_config, model, info = load_autoencoder(workdir, checkpoint=checkpoint, device=device)
     _check_compatible(config, ae_config, info["latent_shape"], info["path"])
+    identity = {"path": os.path.abspath(info["path"]), "step": info["step"], "sha256": info["sha256"],
+                "scale_factor": info["scale_factor"]}
     codec = LatentCodec(model, info["scale_factor"], info["latent_shape"], sample=sample,
-                        source=f"{info['path']} (step {info['step']})")
+                        source=f"{info['path']} (step {info['step']})", identity=identity)
     codec.config = ae_config
     if key is not None:
-        _CACHE.clear()
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = codec
     return codec
+
+
+def load_codec(config, device="cpu", expected: Optional[dict] = None) -> LatentCodec:
+    """The ``LatentCodec`` of ``config.model.autoencoder_workdir`` on ``device``: the workdir's latest checkpoint, or
+    the checkpoint file the setting names.  Checked against ``config`` (the data keys ``DATA_KEYS`` and the latent
+    shape of ``config.autoencoder`` must be the autoencoder's) and, when ``expected`` (the ``identity`` a latent run
+    recorded) is given, against it: if the latest checkpoint is another autoencoder, the recorded step's checkpoint
+    is used when the workdir still holds it unchanged, else ``AutoencoderMismatchError``.  Cached per (checkpoint
+    file, modification time, size, device, sampling)."""
+    if not is_latent(config):
+        raise AutoencoderError(f"config {config.name!r} diffuses in data space (model.autoencoder_workdir is empty)")
+    workdir, checkpoint = _codec_source(str(config.model.autoencoder_workdir).strip())
+    sample = bool(config.model.get("latent_sample", False))
+    device = torch.device(device)
+    codec = _codec(config, workdir, checkpoint, device, sample)
+    if not expected or _same_autoencoder(codec.identity, expected):
+        return codec
+    # the autoencoder was trained on (or retrained) after the latent run started: its own checkpoint may still be kept
+    step = expected.get("step")
+    if checkpoint is None and step is not None:
+        path = os.path.join(ckpt_lib.checkpoint_dir(workdir), f"ckpt_{int(step):08d}.pt")
+        if os.path.isfile(path) and os.path.realpath(path) != os.path.realpath(codec.identity["path"]):
+            try:
+                older = _codec(config, workdir, path, device, sample)
+            except AutoencoderError:
+                older = None
+            if older is not None and _same_autoencoder(older.identity, expected):
+                logging.info("using the autoencoder checkpoint %s (step %d), the one this latent model was trained "
+                             "on; the latest in %s is step %d", path, int(step), workdir, codec.identity["step"])
+                return older
+    check_identity(codec, expected)
+    return codec
+
+
+def _same_autoencoder(identity: dict, recorded: dict) -> bool:
+    return bool(identity.get("sha256")) and identity.get("sha256") == recorded.get("sha256")
+
+
+def describe_identity(identity: dict) -> str:
+    """``<path> (step S, sha256 <first 12 hex digits>)``."""
+    sha = str(identity.get("sha256") or "?")
+    return f"{identity.get('path', '?')} (step {identity.get('step', '?')}, sha256 {sha[:12]})"
+
+
+def check_identity(codec: LatentCodec, recorded: Optional[dict]) -> None:
+    """Raise ``AutoencoderMismatchError`` (one line naming both identities and the fix) when ``codec`` is not the
+    autoencoder ``recorded`` (an ``identity`` stored by a latent run) names; ``recorded`` empty or None: no check
+    (a run from before identities were recorded)."""
+    if not recorded:
+        return
+    if not recorded.get("sha256"):
+        raise AutoencoderMismatchError(f"the recorded autoencoder identity {recorded!r} has no sha256: it cannot be "
+                                       f"verified")
+    if _same_autoencoder(codec.identity, recorded):
+        return
+    raise AutoencoderMismatchError(
+        f"the autoencoder {describe_identity(codec.identity)} is not the one this latent model was trained on, "
+        f"{describe_identity(recorded)}: its latents are not the ones the model learnt. Point "
+        f"model.autoencoder_workdir (--config.model.autoencoder_workdir=...) at the autoencoder run the model was "
+        f"trained with, or directly at its checkpoint file {recorded.get('path', '')} (restore that file if it was "
+        f"replaced or deleted)")
 
 
 def _check_compatible(config, ae_config, shape, where):

@@ -275,6 +275,7 @@ def load_model(workdir: str, config=None, checkpoint: Union[None, int, str] = No
     for p in model.parameters():
         p.requires_grad_(False)
     model.checkpoint_step = int(state["step"])
+    model.autoencoder_identity = state.get("autoencoder")    # latent models: the autoencoder they were trained on
     return config, sde, model
 
 

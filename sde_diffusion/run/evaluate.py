@@ -141,7 +141,7 @@ def test_loss(config, sde, model, device="cpu") -> dict:
     codec = None
     if is_latent(config):       # latent diffusion: the loss is measured on the encoded test data
         from .autoencoder_train import load_codec
-        codec = load_codec(config, device)
+        codec = load_codec(config, device, expected=getattr(model, "autoencoder_identity", None))
     total, count = 0.0, 0
     for x, y in dataset.iterate(int(config.eval.batch_size)):
         x = scaler(x.to(device))

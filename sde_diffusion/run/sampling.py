@@ -380,7 +380,7 @@ def generate(config, sde, model, num_samples: Optional[int] = None, batch_size: 
                                 f"in latent space: sampling.task={task} and classifier guidance act on pixels and are "
                                 f"not supported")
         from .autoencoder_train import load_codec
-        codec = load_codec(config, device)
+        codec = load_codec(config, device, expected=getattr(model, "autoencoder_identity", None))
         shape = codec.shape
 
     constraint, extra = None, {}

@@ -290,6 +290,8 @@ def _set_up(config, workdir, device, ctx):
     if state is not None:
         if not os.path.isfile(config_path) and "config" in state:
             changed = _check_identity(configs_lib.config_from_json(state["config"]), config, latest)
+        if codec is not None:         # a resumed latent run goes on with the autoencoder it was trained on
+            codec = load_codec(config, device, expected=state.get("autoencoder"))
         try:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
@@ -317,6 +319,8 @@ def _set_up(config, workdir, device, ctx):
         scaler_state = state.get("grad_scaler")     # fp16 autocast's loss scale (absent otherwise)
         del state
         logging.info("resumed from %s (step %d)", latest, step)
+    if codec is not None:             # snapshots decode with the same autoencoder (run.sampling.generate reads it)
+        ema.model.autoencoder_identity = dict(codec.identity)
     return dict(sde=sde, model=model, ema=ema, optimizer=optimizer, loss_fn=loss_fn, dataset=dataset, step=step,
                 latest=latest, changed=changed, config_path=config_path, scaler=get_data_scaler(config),
                 images=images, codec=codec, scaler_state=scaler_state)
@@ -395,6 +399,8 @@ def _train(config, workdir: str, device, ctx) -> dict:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "rng": rngs[0], "config": config.to_json(),
                  "layout": {"world_size": ctx.world_size, "grad_accum": accum}}
+        if codec is not None:         # latent diffusion: which autoencoder the latents are of (issue 13)
+            state["autoencoder"] = dict(codec.identity)
         if ctx.enabled:
             state["rng_ranks"] = rngs
         if grad_scaler is not None:
