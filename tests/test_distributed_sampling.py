@@ -1,4 +1,5 @@
-"""``--mode sample`` and ``--mode eval`` shared out across ranks (gloo on CPU), started as users start them.
+"""``--mode sample`` and ``--mode eval`` (its bits/dim and samples) shared out across ranks (gloo on CPU), started as
+users start them.
 
 What is compared with what: the same command in one process (``python main.py``, no process group) and under
 ``torchrun --nproc_per_node=2``.  Every sample batch has its own seed and the same shape whoever draws it, and every
@@ -23,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
 SAMPLING = ["--config.sampling.num_samples=300", "--config.sampling.batch_size=64",
             "--config.sampling.method=euler_maruyama", "--config.sampling.num_steps=20"]
-EVAL = ["--config.eval.num_generated=300", "--config.eval.generate_batch_size=64", "--config.eval.enable_bpd=false",
+EVAL = ["--config.eval.num_generated=300", "--config.eval.generate_batch_size=64", "--config.eval.bpd_num_examples=60",
+        "--config.eval.bpd_batch_size=20", "--config.eval.bpd_num_repeats=1",
         "--config.sampling.method=euler_maruyama", "--config.sampling.num_steps=20"]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -135,6 +137,9 @@ def test_sharded_eval_resumes_a_stopped_one_process_eval_and_equals_an_uninterru
     sa = json.load(open(os.path.join(full, "eval", "eval_00000030.json")))
     sb = json.load(open(os.path.join(part, "eval", "eval_00000030.json")))
     assert sa["test_loss"] == sb["test_loss"] and sa["samples"]["num"] == sb["samples"]["num"] == 300
+    # the bits/dim stage's three batches: drawn by both ranks in the resumed run, the same sums
+    assert sb["bpd"]["num_evaluations"] == 60 and sa["bpd"]["bpd"] == sb["bpd"]["bpd"]
+    assert sa["bpd"]["bpd_stderr"] == sb["bpd"]["bpd_stderr"]
     assert sb["samples"]["nfe"] == 5 * 20
     assert resumed.stdout.count("test loss") == 1       # rank 0's summary line only
     assert not os.path.exists(os.path.join(part, "eval", "step_00000030", "sample_batches"))

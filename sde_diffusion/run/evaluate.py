@@ -33,9 +33,10 @@ Hutchinson and dequantisation noise.  The samples of batch i use the seed ``mix_
 ``--mode sample``'s, so they differ from its samples with the same seed).
 
 Under torchrun (``distributed``) rank 0 runs everything above and writes every file; the other ranks wait in
-``_serve`` and draw their share of each samples stage (``distributed.run_sharded``: rank k draws batches k, k + K,
-...; rank 0 records each round as it arrives), so the samples do not depend on the number of processes and a stopped
-evaluation resumes with any number.  The Inception statistics file does not record which
+``_serve`` and compute their share of the work units of the bpd, elbo and samples stages (``distributed.run_sharded``:
+rank k takes units k, k + K, ...; rank 0 records each round as it arrives).  A unit's result depends on its own seed
+only, so the numbers do not depend on the number of processes and a stopped evaluation resumes with any number.  The
+test loss and the sample metrics run on rank 0 alone.  The Inception statistics file does not record which
 weights made it: delete it after changing ``eval.inception_weights``.
 
 Files under ``<workdir>/eval/``:
@@ -501,6 +502,35 @@ def _test_batches(ctx, model_fn, n: int, bs: int):
     return config, sde, model, x_all, y_all, get_data_scaler(config), int(config.model.num_classes) > 0
 
 
+def _bpd_work(ctx, model_fn, s, step):
+    """The function ``(r, i) -> unit`` computing bits/dim batch i of dequantisation draw r (its own seed), on any
+    rank."""
+    n, bs = s["num_examples"], s["batch_size"]
+    config, sde, model, x_all, y_all, scaler, conditional = _test_batches(ctx, model_fn, n, bs)
+    kwargs = dict(method=s["method"], solver=s["solver"], eps=s["eps"], dequantize=s["dequantize"])
+    if s["dequantize"] is not None:
+        kwargs.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))
+    for key in ("num_probes", "probe", "rtol", "atol", "num_steps"):
+        if key in s:
+            kwargs[key] = s[key]
+
+    def work(unit):
+        r, i = unit
+        t0 = time.perf_counter()
+        xb = scaler(x_all[i * bs:(i + 1) * bs]).to(ctx.device)
+        yb = y_all[i * bs:(i + 1) * bs].to(ctx.device) if conditional else None
+        gen = torch.Generator().manual_seed(mix_seed(s["seed"], _BPD_SALT, r, i))
+        res = nll(sde, get_score_fn(sde, model, train=False, y=yb), xb, generator=gen, **kwargs)
+        bpd = res.bpd.detach().double().cpu()
+        if not torch.isfinite(bpd).all():
+            raise EvaluationError(f"non-finite bits/dim in batch {i} of step {step}: the model in "
+                                  f"{ctx.current_path} gives non-finite values (diverged or damaged weights)")
+        return {"n": int(bpd.numel()), "sum_bpd": float(bpd.sum()), "sumsq_bpd": float((bpd ** 2).sum()),
+                "sum_nll": float(res.nll.detach().double().sum()), "nfe": int(res.nfe),
+                "seconds": time.perf_counter() - t0}
+    return work
+
+
 def _stage_bpd(ctx, model_fn, rec, state) -> dict:
     s = rec["settings"]
     n, bs, R = s["num_examples"], s["batch_size"], s["num_repeats"]
@@ -509,40 +539,12 @@ def _stage_bpd(ctx, model_fn, rec, state) -> dict:
     todo = [(r, i) for r in range(R) for i in range(nb) if f"{r}:{i}" not in units]
     step = state.data["step"]
     if todo:
-        config, sde, model, x_all, y_all, scaler, conditional = _test_batches(ctx, model_fn, n, bs)
-        kwargs = dict(method=s["method"], solver=s["solver"], eps=s["eps"], dequantize=s["dequantize"])
-        if s["dequantize"] is not None:
-            kwargs.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))
-        for key in ("num_probes", "probe", "rtol", "atol", "num_steps"):
-            if key in s:
-                kwargs[key] = s[key]
-        from tqdm.auto import tqdm
-        bar = tqdm(total=R * nb, initial=R * nb - len(todo), desc=f"bits/dim step {step}", unit="batch",
-                   dynamic_ncols=True, disable=ctx.progress)
-        try:
-            for r, i in todo:
-                t0 = time.perf_counter()
-                xb = scaler(x_all[i * bs:(i + 1) * bs]).to(ctx.device)
-                yb = y_all[i * bs:(i + 1) * bs].to(ctx.device) if conditional else None
-                gen = torch.Generator().manual_seed(mix_seed(s["seed"], _BPD_SALT, r, i))
-                res = nll(sde, get_score_fn(sde, model, train=False, y=yb), xb, generator=gen, **kwargs)
-                bpd = res.bpd.detach().double().cpu()
-                if not torch.isfinite(bpd).all():
-                    raise EvaluationError(f"non-finite bits/dim in batch {i} of step {step}: the model in "
-                                          f"{ctx.current_path} gives non-finite values (diverged or damaged weights)")
-                units[f"{r}:{i}"] = {"n": int(bpd.numel()), "sum_bpd": float(bpd.sum()),
-                                     "sumsq_bpd": float((bpd ** 2).sum()),
-                                     "sum_nll": float(res.nll.detach().double().sum()), "nfe": int(res.nfe),
-                                     "seconds": time.perf_counter() - t0}
-                state.save()
-                lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: {len(units)} of "
-                                     f"{R * nb} bits/dim batches recorded in {state.path}; run the same command to "
-                                     f"resume")
-                bar.update(1)
-                done = units.values()
-                bar.set_postfix(bpd=f"{sum(u['sum_bpd'] for u in done) / sum(u['n'] for u in done):.4f}")
-        finally:
-            bar.close()
+        def record(unit, result, bar):
+            units[f"{unit[0]}:{unit[1]}"] = result
+            done = units.values()
+            bar.set_postfix(bpd=f"{sum(u['sum_bpd'] for u in done) / sum(u['n'] for u in done):.4f}")
+        _run_units(ctx, model_fn, "bpd", s, step, todo, record, state, R * nb, R * nb - len(todo), "bits/dim",
+                   lambda: f"{len(units)} of {R * nb} bits/dim batches")
     ordered = [units[f"{r}:{i}"] for r in range(R) for i in range(nb)]
     count = sum(u["n"] for u in ordered)
     total = sum(u["sum_bpd"] for u in ordered)
@@ -598,10 +600,48 @@ def _elbo_plan(config, dataset) -> dict:
             "importance": _choice(e.elbo_importance, elbo_lib.IMPORTANCE, "elbo_importance")}
 
 
-def _stage_elbo(ctx, model_fn, rec, state) -> dict:
-    """Per batch: every bound's per-example totals and terms, summed (and the totals' squares) into the unit."""
+def _elbo_work(ctx, model_fn, s, step):
+    """The function ``i -> unit`` computing the bounds of test batch i (its own seed), on any rank."""
     from .. import elbo as elbo_lib
     from ..networks import get_model
+    n, bs = s["num_examples"], s["batch_size"]
+    config, sde, model, x_all, y_all, scaler, conditional = _test_batches(ctx, model_fn, n, bs)
+    dec = dict(decoder=s["decoder"], clip_denoised=s["clip_denoised"])
+    if s["decoder"] == "discretized":
+        dec.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))
+
+    def work(i):
+        t0 = time.perf_counter()
+        xb = scaler(x_all[i * bs:(i + 1) * bs]).to(ctx.device)
+        yb = y_all[i * bs:(i + 1) * bs].to(ctx.device) if conditional else None
+        m = get_model(sde, model, train=False, y=yb)
+        gen = torch.Generator(device=ctx.device).manual_seed(mix_seed(s["seed"], _ELBO_SALT, i))
+        bounds, nfe = {}, 0
+        if s["variances"]:
+            found = elbo_lib.discrete_elbos(sde, m, xb, num_steps=s["num_steps"] or None,
+                                            variances=s["variances"], generator=gen, **dec)
+            bounds.update(found)
+            nfe += next(iter(found.values())).nfe
+        if s["num_t"]:
+            bounds["continuous"] = elbo_lib.continuous_elbo(sde, m, xb, num_t=s["num_t"],
+                                                            importance=s["importance"], generator=gen, **dec)
+            nfe += bounds["continuous"].nfe
+        unit = {"n": int(xb.shape[0]), "nfe": nfe, "dim": int(xb[0].numel())}
+        for name, b in bounds.items():
+            total = b.total.detach().double().cpu()
+            if not torch.isfinite(total).all():
+                raise EvaluationError(f"non-finite {name} bound in batch {i} of step {step}: the model in "
+                                      f"{ctx.current_path} gives non-finite values")
+            unit[name] = {"sum": float(total.sum()), "sumsq": float((total ** 2).sum()),
+                          **{f"sum_{k}": float(getattr(b, k).double().sum())
+                             for k in ("prior", "diffusion", "decoder")}}
+        unit["seconds"] = time.perf_counter() - t0
+        return unit
+    return work
+
+
+def _stage_elbo(ctx, model_fn, rec, state) -> dict:
+    """Per batch: every bound's per-example totals and terms, summed (and the totals' squares) into the unit."""
     s = rec["settings"]
     n, bs = s["num_examples"], s["batch_size"]
     nb = math.ceil(n / bs)
@@ -609,47 +649,10 @@ def _stage_elbo(ctx, model_fn, rec, state) -> dict:
     todo = [i for i in range(nb) if str(i) not in units]
     step = state.data["step"]
     if todo:
-        config, sde, model, x_all, y_all, scaler, conditional = _test_batches(ctx, model_fn, n, bs)
-        dec = dict(decoder=s["decoder"], clip_denoised=s["clip_denoised"])
-        if s["decoder"] == "discretized":
-            dec.update(num_levels=s["num_levels"], data_range=tuple(s["data_range"]))
-        from tqdm.auto import tqdm
-        bar = tqdm(total=nb, initial=nb - len(todo), desc=f"bounds step {step}", unit="batch", dynamic_ncols=True,
-                   disable=ctx.progress)
-        try:
-            for i in todo:
-                t0 = time.perf_counter()
-                xb = scaler(x_all[i * bs:(i + 1) * bs]).to(ctx.device)
-                yb = y_all[i * bs:(i + 1) * bs].to(ctx.device) if conditional else None
-                m = get_model(sde, model, train=False, y=yb)
-                gen = torch.Generator(device=ctx.device).manual_seed(mix_seed(s["seed"], _ELBO_SALT, i))
-                bounds, nfe = {}, 0
-                if s["variances"]:
-                    found = elbo_lib.discrete_elbos(sde, m, xb, num_steps=s["num_steps"] or None,
-                                                    variances=s["variances"], generator=gen, **dec)
-                    bounds.update(found)
-                    nfe += next(iter(found.values())).nfe
-                if s["num_t"]:
-                    bounds["continuous"] = elbo_lib.continuous_elbo(sde, m, xb, num_t=s["num_t"],
-                                                                    importance=s["importance"], generator=gen, **dec)
-                    nfe += bounds["continuous"].nfe
-                unit = {"n": int(xb.shape[0]), "nfe": nfe, "dim": int(xb[0].numel())}
-                for name, b in bounds.items():
-                    total = b.total.detach().double().cpu()
-                    if not torch.isfinite(total).all():
-                        raise EvaluationError(f"non-finite {name} bound in batch {i} of step {step}: the model in "
-                                              f"{ctx.current_path} gives non-finite values")
-                    unit[name] = {"sum": float(total.sum()), "sumsq": float((total ** 2).sum()),
-                                  **{f"sum_{k}": float(getattr(b, k).double().sum())
-                                     for k in ("prior", "diffusion", "decoder")}}
-                unit["seconds"] = time.perf_counter() - t0
-                units[str(i)] = unit
-                state.save()
-                lifecycle.check_stop(f"stopped by {{signal}} while evaluating step {step}: {len(units)} of {nb} "
-                                     f"bound batches recorded in {state.path}; run the same command to resume")
-                bar.update(1)
-        finally:
-            bar.close()
+        def record(i, result, bar):
+            units[str(i)] = result
+        _run_units(ctx, model_fn, "elbo", s, step, todo, record, state, nb, nb - len(todo), "bounds",
+                   lambda: f"{len(units)} of {nb} bound batches")
     ordered = [units[str(i)] for i in range(nb)]
     count = sum(u["n"] for u in ordered)
     D = ordered[0]["dim"]
@@ -695,8 +698,10 @@ def _reset_samples(workdir, step):
     return hook
 
 
-def _sample_work(config, sde, model, settings, device):
-    """The function ``i -> arrays`` that draws sample batch i (its own seed), on any rank."""
+def _sample_work(ctx, model_fn, settings, step):
+    """The function ``i -> (arrays, seconds)`` that draws sample batch i (its own seed), on any rank."""
+    config, sde, model = model_fn()
+    device = ctx.device
     N, bs = settings["num"], settings["batch_size"]
     classifier = None
     if str(config.sampling.guidance).lower() == "classifier":
@@ -719,6 +724,36 @@ def _sample_work(config, sde, model, settings, device):
     return work
 
 
+#: the stages whose work units run on every rank of a process group (``_run_units``, ``_serve``)
+_WORK = {"bpd": _bpd_work, "elbo": _elbo_work, "samples": _sample_work}
+
+
+def _run_units(ctx, model_fn, kind, s, step, todo, record, state, total, done, desc, recorded) -> None:
+    """Compute the stage's unrecorded units ``todo`` (on every rank of a process group: ``distributed.run_sharded``)
+    and ``record(unit, result, bar)`` each one on rank 0, saving the state after each; a graceful stop raises with
+    ``recorded()`` (what is recorded) in its message."""
+    work = _WORK[kind](ctx, model_fn, s, step)       # rank 0 loads first: a failure here reaches the others as an order
+    ctx.order({"kind": kind, "path": ctx.current_path, "settings": s, "todo": todo, "step": step})
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=done, desc=f"{desc} step {step}", unit="batch", dynamic_ncols=True,
+               disable=ctx.progress)
+
+    def rec(unit, result):
+        record(unit, result, bar)
+        state.save()
+        bar.update(1)
+
+    try:
+        distributed.run_sharded(ctx.dist, todo, work, rec, where=f"{desc} for step {step}",
+                                stop_message=lambda: f"stopped by {{signal}} while evaluating step {step}: "
+                                f"{recorded()} recorded in {state.path}; run the same command to resume")
+    except BaseException:
+        ctx.workers_listening = False           # run_sharded stopped every rank
+        raise
+    finally:
+        bar.close()
+
+
 def _stage_samples(ctx, model_fn, rec, state) -> dict:
     s = rec["settings"]
     N, bs = s["num"], s["batch_size"]
@@ -731,32 +766,15 @@ def _stage_samples(ctx, model_fn, rec, state) -> dict:
     todo = [i for i in range(nb) if str(i) not in batches]
     config = ctx.config
     if todo:
-        # the other ranks of a process group draw their share of the batches (_serve); rank 0 records them all
-        config, sde, model = model_fn()
-        work = _sample_work(config, sde, model, s, ctx.device)
         os.makedirs(os.path.dirname(_sample_batch_path(ctx.workdir, step, 0)), exist_ok=True)
-        ctx.order({"kind": "samples", "path": ctx.current_path, "settings": s, "todo": todo})
-        from tqdm.auto import tqdm
-        bar = tqdm(total=nb, initial=nb - len(todo), desc=f"samples step {step}", unit="batch", dynamic_ncols=True,
-                   disable=ctx.progress)
 
-        def record(i, result):
+        def record(i, result, bar):
             arrays, seconds = result
             _atomic_savez(_sample_batch_path(ctx.workdir, step, i), **arrays)
             batches[str(i)] = {"n": int(arrays["samples"].shape[0]), "nfe": int(arrays["nfe"]), "seconds": seconds}
-            state.save()
-            bar.update(1)
-
-        try:
-            distributed.run_sharded(ctx.dist, todo, work, record, where=f"sampling for step {step}",
-                                    stop_message=lambda: f"stopped by {{signal}} while evaluating step {step}: "
-                                    f"{len(batches)} of {nb} sample batches recorded in {state.path}; run the same "
-                                    f"command to resume")
-        except BaseException:
-            ctx.workers_listening = False           # run_sharded stopped every rank
-            raise
-        finally:
-            bar.close()
+        _run_units(ctx, model_fn, "samples", s, step, todo, record, state, nb, nb - len(todo), "samples",
+                   lambda: f"{len(batches)} of {nb} sample batches")
+        config = model_fn()[0]
     xs, ls = [], []
     for i in range(nb):
         with np.load(_sample_batch_path(ctx.workdir, step, i)) as z:
@@ -951,7 +969,7 @@ def evaluate(config, workdir: str, checkpoint=None, device=None) -> dict:
     dist.check(error, "the evaluation's set-up")     # in a process group: every rank stops, rank 0 says why
     if not dist.is_main:
         with lifecycle.handle_signals("graceful", context=f"evaluating {workdir} (rank {dist.rank})"):
-            return _serve(dist, config, workdir, device)
+            return _serve(dist, config, workdir, device, dataset)
     ctx = _Context(config, workdir, device, dataset)
     try:
         for step, path in ckpts:    # a corrupt checkpoint stops the evaluation before any work (or file), named
@@ -973,11 +991,13 @@ def evaluate(config, workdir: str, checkpoint=None, device=None) -> dict:
     return out
 
 
-def _serve(dist, config, workdir: str, device) -> dict:
-    """A rank other than 0 of an evaluation: draw its share of every sample stage rank 0 orders (``run_sharded``),
-    until rank 0 says it is done (return) or stopped (raise as it did).  Rank 0 alone reads the evaluation state,
-    runs the other stages and writes every file; this rank waits for its next order meanwhile (at most
-    ``compute.dist_timeout`` seconds: the process group's timeout)."""
+def _serve(dist, config, workdir: str, device, dataset) -> dict:
+    """A rank other than 0 of an evaluation: compute its share of the units of every bits/dim, bounds and samples
+    stage rank 0 orders (``_run_units``: ``run_sharded``), until rank 0 says it is done (return) or stopped (raise
+    as it did).  Rank 0 alone reads the evaluation state, runs the test loss and the sample metrics and writes every
+    file; this rank waits for its next order meanwhile (at most ``compute.dist_timeout`` seconds: the process
+    group's timeout)."""
+    ctx = _Context(config, workdir, device, dataset)         # the test set and device; this rank writes nothing
     loaded = {}
     while True:
         order = dist.broadcast(None)
@@ -992,20 +1012,19 @@ def _serve(dist, config, workdir: str, device) -> dict:
                                                 f"{order['message']}")
             e.reported_by_rank0 = True
             raise e
-        s = order["settings"]
+        ctx.current_path = order["path"]
         try:
             if loaded.get("path") != order["path"]:
                 loaded.clear()
                 loaded["model"] = load_model(workdir, config=config, checkpoint=order["path"], device=device)
                 loaded["path"] = order["path"]
-            cfg, sde, model = loaded["model"]
-            work = _sample_work(cfg, sde, model, s, device)
+            work = _WORK[kind](ctx, lambda: loaded["model"], order["settings"], order["step"])
         except Exception as e:                     # reported through the first round, on every rank
-            def work(i, error=e):
+            def work(unit, error=e):
                 raise error
 
-        distributed.run_sharded(dist, order["todo"], work, lambda i, result: None,
-                                where=f"sampling for {os.path.basename(order['path'])}")
+        distributed.run_sharded(dist, order["todo"], work, lambda unit, result: None,
+                                where=f"{kind} for step {order['step']}")
 
 
 def _evaluate(ctx, plan, ckpts, every) -> dict:

@@ -187,6 +187,15 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast is the fast way to
+    train (on a CPU without it, bf16 is emulated and several times slower than float32)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def train(config, workdir: str, device: Optional[str] = None) -> dict:
     """Train ``config`` in ``workdir`` up to ``training.n_iters`` updates, resuming from the newest good checkpoint.
 
@@ -356,6 +365,9 @@ def _train(config, workdir: str, device, ctx) -> dict:
     channels_last = bool(_compute(config, "channels_last", False)) and run["images"]
     autocast = str(_compute(config, "autocast", "none")).lower()
     use_bf16 = autocast == "bf16"
+    if autocast == "none" and device.type == "cpu" and ctx.is_main and native_cpu_bf16():
+        logging.info("this CPU computes bf16 natively (AVX512-BF16 / AMX): --config.compute.autocast=bf16 trains "
+                     "about 1.2-2.3x faster (README, Speed options); float32 is kept unless asked")
     # fp16 (CUDA only, checked in train()): the loss is scaled by the GradScaler's factor before backward and the
     # gradients unscaled before clipping, so clipping, Adam and EMA see the true gradients; an update whose scaled
     # gradients overflowed is skipped by the scaler (weights and EMA unchanged) and the factor is lowered
