@@ -96,7 +96,7 @@ def test_bad_compute_values_are_one_line():
             ("threads", -1, "config key 'compute.threads' must be an integer >= 0 (0 = PyTorch's default), got -1"),
             ("grad_accum", 3, "config key 'compute.grad_accum' must divide training.batch_size = 256 (micro-batches "
                               "of equal size), got 3"),
-            ("autocast", "fp8", "config key 'compute.autocast' must be one of none, bf16, fp16, got 'fp8'"),
+            ("autocast", "fp8", "config key 'compute.autocast' must be one of none, bf16, fp16, auto, got 'fp8'"),
             ("adam_impl", "fast", "config key 'compute.adam_impl' must be one of auto, fused, foreach, loop, got "
                                   "'fast'"),
             ("dist_timeout", 0, "config key 'compute.dist_timeout' must be a finite number > 0 (seconds), got 0")]:
@@ -212,3 +212,19 @@ def test_compiled_training_is_the_same_training(tmp_path):
     assert not any(k.startswith("_orig_mod") for k in s1["model"])          # the checkpoint holds the plain module
     for k in s0["model"]:
         torch.testing.assert_close(s1["model"][k], s0["model"][k], rtol=1e-3, atol=1e-4)
+
+
+def test_autocast_auto_is_bf16_exactly_where_the_device_computes_it_natively(tmp_path, monkeypatch):
+    """``compute.autocast=auto``: bf16 on a CPU with AVX512-BF16 / AMX, float32 on one without (emulated bf16 is
+    several times slower there); an auto run on a native-bf16 CPU is the bf16 run, bit for bit."""
+    from sde_diffusion.run import train as train_lib
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_lib, "native_cpu_bf16", lambda: False)
+    assert train_lib.resolve_autocast("auto", cpu) == "none"
+    assert train_lib.resolve_autocast("bf16", cpu) == "bf16" and train_lib.resolve_autocast("none", cpu) == "none"
+    monkeypatch.setattr(train_lib, "native_cpu_bf16", lambda: True)
+    assert train_lib.resolve_autocast("auto", cpu) == "bf16"
+    _, auto = _train_toy(tmp_path, "auto", autocast="auto")
+    _, bf16 = _train_toy(tmp_path, "bf16", autocast="bf16")
+    for k in bf16["model"]:
+        assert torch.equal(auto["model"][k], bf16["model"][k]), k

@@ -22,6 +22,8 @@ def get_default_config():
     #                                   split into world_size * grad_accum micro-batches (must divide it)
     compute.autocast = "none"         # none | bf16 (network forward in training under torch.autocast, CPU or CUDA)
     #                                   | fp16 (CUDA only: float16 autocast with a torch.amp.GradScaler)
+    #                                   | auto (bf16 where the device computes it natively: AVX512-BF16 / AMX CPUs,
+    #                                     bf16-capable GPUs; float32 elsewhere)
     compute.adam_impl = "auto"        # auto (fused where supported, else foreach) | fused | foreach | loop
     compute.ema_foreach = True        # EMA update with torch._foreach_lerp_ (same numbers as the per-tensor loop)
     compute.channels_last = False     # image networks: NHWC weights and inputs (ignored for 1-D / 2-D data)

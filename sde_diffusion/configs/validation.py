@@ -131,7 +131,7 @@ def _compute(config, mode):
     if mode != "train":
         return
     _number(config, c + "grad_accum", integer=True, lo=1)
-    _choice(config, c + "autocast", ("none", "bf16", "fp16"))
+    _choice(config, c + "autocast", ("none", "bf16", "fp16", "auto"))
     _choice(config, c + "adam_impl", ("auto", "fused", "foreach", "loop"))
     _bool(config, c + "ema_foreach")
     _bool(config, c + "channels_last")

@@ -36,4 +36,6 @@ def get_config():
     config.model.ema_rate = 0.999
     config.optim.lr = 2e-3
     config.optim.warmup = 200
+    # bf16 where the CPU computes it natively: 1.5x faster here, the loss curve within 0.2 % of float32's (README)
+    config.compute.autocast = "auto"
     return config

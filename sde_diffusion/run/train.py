@@ -196,6 +196,23 @@ def native_cpu_bf16() -> bool:
         return False
 
 
+def resolve_autocast(name: str, device: torch.device, log: bool = False) -> str:
+    """``compute.autocast`` for this device: ``auto`` is bf16 where the device computes it natively (a CUDA GPU with
+    bf16 support; a CPU with AVX512-BF16 or AMX) and none elsewhere (emulated bf16 is several times slower than
+    float32); ``none`` / ``bf16`` / ``fp16`` as given (``log``: a float32 CPU run that could use bf16 says so)."""
+    if name == "auto":
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda" else
+                  device.type == "cpu" and native_cpu_bf16())
+        if log:
+            logging.info("compute.autocast=auto: %s on this %s", "bf16" if native else "float32 (no native bf16)",
+                         device.type.upper())
+        return "bf16" if native else "none"
+    if name == "none" and log and device.type == "cpu" and native_cpu_bf16():
+        logging.info("this CPU computes bf16 natively (AVX512-BF16 / AMX): --config.compute.autocast=bf16 (or auto) "
+                     "trains about 1.5-2.3x faster (README, Speed options); float32 is kept unless asked")
+    return name
+
+
 def train(config, workdir: str, device: Optional[str] = None) -> dict:
     """Train ``config`` in ``workdir`` up to ``training.n_iters`` updates, resuming from the newest good checkpoint.
 
@@ -363,11 +380,8 @@ def _train(config, workdir: str, device, ctx) -> dict:
     micro_batches = ctx.world_size * accum
     micro = batch_size // micro_batches
     channels_last = bool(_compute(config, "channels_last", False)) and run["images"]
-    autocast = str(_compute(config, "autocast", "none")).lower()
+    autocast = resolve_autocast(str(_compute(config, "autocast", "none")).lower(), device, log=ctx.is_main)
     use_bf16 = autocast == "bf16"
-    if autocast == "none" and device.type == "cpu" and ctx.is_main and native_cpu_bf16():
-        logging.info("this CPU computes bf16 natively (AVX512-BF16 / AMX): --config.compute.autocast=bf16 trains "
-                     "about 1.2-2.3x faster (README, Speed options); float32 is kept unless asked")
     # fp16 (CUDA only, checked in train()): the loss is scaled by the GradScaler's factor before backward and the
     # gradients unscaled before clipping, so clipping, Adam and EMA see the true gradients; an update whose scaled
     # gradients overflowed is skipped by the scaler (weights and EMA unchanged) and the factor is lowered
