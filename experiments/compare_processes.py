@@ -180,7 +180,9 @@ def run(args):
         for label in [s for s in args.solvers.split(",") if s]:
             method, flat, per_step = SOLVERS[label]
             for nfe in nfes:
-                over = {"sampling.method": method, "sampling.num_steps": max(1, round(nfe / per_step))}
+                # s steps of a k-call method make k s - (k - 1) calls (Heun's last step is an Euler step): s =
+                # ceil(NFE / k) lands within k - 1 of the NFE (Heun: 5 -> 3 steps, 5 calls; 10 -> 5 steps, 9 calls)
+                over = {"sampling.method": method, "sampling.num_steps": max(1, math.ceil(nfe / per_step))}
                 over.update({f"sampling.{k}": v for k, v in flat.items()})
                 cs = configs.apply_overrides(copy.deepcopy(c), over)
                 res = generate(cs, sde, model, num_samples=args.num_samples, batch_size=min(500, args.num_samples),
