@@ -245,7 +245,7 @@ def test_a_batch_not_divisible_by_the_world_size_is_one_line(tmp_path, monkeypat
     assert not (tmp_path / "w").exists()
 
 
-def _rank_main(rank, port, workdir, err_path, bad_rank):
+def _rank_main(rank, port, workdir, bad_rank, err_path):
     """A torchrun-like worker: the environment torchrun sets, then ``main.cli``; rank ``bad_rank`` gets NaN data."""
     fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 2)
@@ -274,22 +274,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(tmp_path):
+def spawn_two_ranks(target, tmp_path, *args, timeout=120):
+    """Run ``target(rank, port, *args, err_path)`` in two spawned processes (a torchrun-like group); returns their
+    exit codes and the error lines both printed (``error ...`` / ``[rank k] ...``).  A rank still alive after
+    ``timeout`` seconds is killed and fails the test (a hang)."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     errs = [str(tmp_path / f"err{r}.txt") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(tmp_path / "w"), errs[r], 1)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, errs[r])) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=timeout)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
     assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [1, 1]
     lines = [line for e in errs for line in open(e).read().splitlines() if line.startswith(("error", "[rank"))]
+    return [p.exitcode for p in procs], lines
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(tmp_path):
+    codes, lines = spawn_two_ranks(_rank_main, tmp_path, str(tmp_path / "w"), 1)
+    assert codes == [1, 1]
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: rank 1 of 2 failed during update 4: non-finite loss (nan) at step 3 on rank 1")
     # nothing of the failed update was saved; the run never reached a checkpoint

@@ -10,7 +10,6 @@ short: rank 0 draws batches 0, 2, 4 and rank 1 batches 1, 3.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -165,23 +164,8 @@ def _rank_main(rank, port, workdir, out_dir, err_path):
 
 
 def test_a_failure_on_one_sampling_rank_stops_both_with_one_message(trained, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    errs = [str(tmp_path / f"err{r}.txt") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, port, trained, str(tmp_path / "out"), errs[r]))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [1, 1]
-    lines = [line for e in errs for line in open(e).read().splitlines() if line.startswith(("error", "[rank"))]
+    from test_distributed import spawn_two_ranks
+    codes, lines = spawn_two_ranks(_rank_main, tmp_path, trained, str(tmp_path / "out"))
+    assert codes == [1, 1]
     assert lines == ["error: rank 1 of 2 failed during sampling: the score is not finite at t = 0.5"], lines
     assert not os.path.exists(tmp_path / "out" / "samples.npz")        # nothing half-done was written
