@@ -175,6 +175,8 @@ def main(argv):
             if _rank() == 0:
                 _say(str(e))
             code = e.exit_code
+    from sde_diffusion.run import distributed
+    distributed.exit_process(code)      # a torchrun rank ends here, without tearing its gloo / NCCL group down
     sys.exit(code)
 
 

@@ -156,7 +156,8 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> Context:
         return _CONTEXT
     import torch.distributed as dist
     rank, size, local = world
-    if _CONTEXT.enabled and dist.is_initialized():
+    if dist.is_initialized():           # joined earlier in this process (shutdown keeps the group)
+        _CONTEXT = Context(rank=rank, world_size=size, local_rank=local, backend=dist.get_backend())
         return _CONTEXT
     use_cuda = torch.cuda.is_available() and str(device or "auto").split(":")[0] in ("auto", "cuda")
     backend = "nccl" if use_cuda else "gloo"
@@ -181,13 +182,28 @@ def synchronize() -> None:
             dist.barrier()
 
 
+_JOINED = False
+
+
 def shutdown() -> None:
-    global _CONTEXT
+    """Leave the process group.  The group is not destroyed: destroying a gloo group while a peer that already
+    passed the final barrier exits can abort this process ("terminate called without an active exception", from
+    the group's threads); a process that was in a group ends with ``exit_process`` instead, which skips the C++
+    destructors (``main.py`` does)."""
+    global _CONTEXT, _JOINED
     if _CONTEXT.enabled:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _JOINED = True
     _CONTEXT = Context()
+
+
+def exit_process(code: int) -> None:
+    """End a process that joined a process group at once with ``code`` (streams flushed, no C++ teardown: see
+    ``shutdown``); a no-op for a process that never joined one."""
+    if _JOINED:
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
 
 
 def rank_device(ctx: Context, device: torch.device) -> torch.device:
