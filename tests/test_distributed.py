@@ -245,13 +245,19 @@ def test_a_batch_not_divisible_by_the_world_size_is_one_line(tmp_path, monkeypat
     assert not (tmp_path / "w").exists()
 
 
-def _rank_main(rank, port, workdir, bad_rank, err_path):
-    """A torchrun-like worker: the environment torchrun sets, then ``main.cli``; rank ``bad_rank`` gets NaN data."""
+def as_torchrun_rank(rank: int, port: int, err_path: str) -> None:
+    """Make this spawned process rank ``rank`` of a 2-process group as torchrun would (its environment variables),
+    with stderr going to ``err_path`` and the checkout importable."""
     fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 2)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     sys.path.insert(0, ROOT)
+
+
+def _rank_main(rank, port, workdir, bad_rank, err_path):
+    """A torchrun-like worker: the environment torchrun sets, then ``main.cli``; rank ``bad_rank`` gets NaN data."""
+    as_torchrun_rank(rank, port, err_path)
     from sde_diffusion import data
     if rank == bad_rank:
         original = data.ToyDataset.batch

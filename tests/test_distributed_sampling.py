@@ -146,11 +146,9 @@ def test_sharded_eval_resumes_a_stopped_one_process_eval_and_equals_an_uninterru
 
 def _rank_main(rank, port, workdir, out_dir, err_path):
     """A torchrun-like worker (torchrun's environment, then ``main.cli``) whose rank 1 meets non-finite scores."""
-    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 2)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_distributed import as_torchrun_rank
+    as_torchrun_rank(rank, port, err_path)
     from sde_diffusion.run import sampling
     if rank == 1:
         def generate(*args, **kwargs):
